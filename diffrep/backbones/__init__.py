@@ -1,0 +1,10 @@
+"""U-Net backbones: the MONAI adapter, checkpoint I/O and the shipped defaults."""
+from .backbone import Backbone, build_unet
+from .checkpoint import CheckpointError, load_checkpoint, save_backbone
+from .config import BackboneConfig, Normalisation, ScheduleConfig, UNetConfig
+from .zoo import load_backbone, zoo_entries, zoo_names
+
+__all__ = [
+    "Backbone", "BackboneConfig", "CheckpointError", "Normalisation", "ScheduleConfig", "UNetConfig",
+    "build_unet", "load_backbone", "load_checkpoint", "save_backbone", "zoo_entries", "zoo_names",
+]

@@ -1,0 +1,211 @@
+"""Backbone: a MONAI ``DiffusionModelUNet`` with its DDPM schedule, normalisation and named feature nodes.
+
+Node names are stable across configs: ``down.{i}`` (output of resolution level i before its
+downsampler), ``mid`` (the bottleneck) and ``up.{i}`` (output of decoder block i, after its upsampler),
+in forward order. MONAI's ``down_blocks[i]`` returns a tuple, so the hook sits on the last resnet
+(or attention) of the block; ``middle_block`` and ``up_blocks[i]`` return tensors.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.schedulers import DDPMScheduler
+from torch import nn
+
+from .._types import FeatureInfo
+from ..errors import as_float_images
+from .config import BackboneConfig
+
+
+class Backbone:
+    """A denoising U-Net plus everything needed to use it as a feature extractor or denoiser.
+
+    Public calls take images in the data range given by ``config.normalisation`` (default [0, 1]);
+    ``to_model_range`` maps them to the U-Net's [-1, 1].
+    """
+
+    def __init__(self, config: BackboneConfig, unet: nn.Module | None = None) -> None:
+        config.validate()
+        self.config = config
+        u = config.unet
+        self.unet = unet if unet is not None else build_unet(config)
+        self.unet.eval()
+        sched = config.schedule
+        self.scheduler = DDPMScheduler(
+            num_train_timesteps=sched.num_train_timesteps,
+            schedule=sched.schedule,
+            **({"beta_start": sched.beta_start, "beta_end": sched.beta_end} if sched.schedule != "cosine" else {}),
+            prediction_type=sched.prediction_type,
+            clip_sample=False,
+        )
+        # A private float64 copy: MONAI's add_noise rewrites its own buffer's dtype (see DESIGN notes).
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.detach().clone().double()
+        self._feature_info = _discover_nodes(self.unet, u.channels)
+        self._modules = {info.name: module for info, module in zip(self._feature_info, _node_modules(self.unet))}
+
+    # ----------------------------------------------------------------- schedule
+    @property
+    def num_timesteps(self) -> int:
+        return self.config.schedule.num_train_timesteps
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.config.unet.spatial_dims
+
+    @property
+    def in_channels(self) -> int:
+        return self.config.unet.in_channels
+
+    def check_timesteps(self, timesteps: Any) -> list[int]:
+        """Validate timesteps (0..T-1, 0 = least noise) and return them as a list of ints."""
+        if isinstance(timesteps, (int, np.integer)):
+            timesteps = [timesteps]
+        values = list(timesteps)
+        if not values:
+            raise ValueError("timesteps: expected at least one timestep, got an empty list")
+        out = []
+        for t in values:
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= int(t) < self.num_timesteps:
+                raise ValueError(f"timesteps: expected integers in 0..{self.num_timesteps - 1} (0 = least noise), got {t!r}")
+            out.append(int(t))
+        return out
+
+    def noise_level(self, timestep: int) -> float:
+        """sqrt(1 - alpha_bar_t): the standard deviation of the noise in x_t; comparable across schedules."""
+        return float(torch.sqrt(1.0 - self.alphas_cumprod[timestep]))
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (Ho et al. 2020, eq. 4), in model range."""
+        abar = self.alphas_cumprod.to(x0.device)[timesteps].to(x0.dtype)
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        return abar.sqrt().view(shape) * x0 + (1 - abar).sqrt().view(shape) * noise
+
+    def predict_x0(self, x_t: torch.Tensor, eps: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The x_0 estimate implied by a noise prediction (Ho et al. 2020, eq. 15)."""
+        abar = self.alphas_cumprod.to(x_t.device)[timesteps].to(x_t.dtype)
+        shape = (-1,) + (1,) * (x_t.ndim - 1)
+        return (x_t - (1 - abar).sqrt().view(shape) * eps) / abar.sqrt().view(shape)
+
+    # ------------------------------------------------------------ normalisation
+    def to_model_range(self, images: torch.Tensor) -> torch.Tensor:
+        """Map data-range images ([low, high] from the checkpoint) to the U-Net's [-1, 1]."""
+        norm = self.config.normalisation
+        return (images - norm.low) * (2.0 / (norm.high - norm.low)) - 1.0
+
+    def to_data_range(self, model_images: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``to_model_range``."""
+        norm = self.config.normalisation
+        return (model_images + 1.0) * ((norm.high - norm.low) / 2.0) + norm.low
+
+    def normalise(self, images: Any) -> torch.Tensor:
+        """Convert uint8 images (0..255) to the data range this backbone documents, as float32.
+
+        Float input is returned unchanged (as a tensor): it is assumed to be in the data range.
+        """
+        tensor = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+        if tensor.dtype == torch.uint8:
+            norm = self.config.normalisation
+            return tensor.float() / 255.0 * (norm.high - norm.low) + norm.low
+        if not tensor.is_floating_point():
+            raise TypeError(f"normalise: expected uint8 or floating-point images, got dtype {tensor.dtype}")
+        return tensor.float()
+
+    def check_images(self, images: Any, name: str = "images") -> torch.Tensor:
+        """Validate an image batch for this U-Net and return it as float32 (N, C, *spatial)."""
+        tensor = as_float_images(images, in_channels=self.in_channels, spatial_dims=self.spatial_dims, name=name)
+        multiple = self.config.unet.size_multiple
+        spatial = tuple(tensor.shape[2:])
+        if any(s % multiple for s in spatial):
+            raise ValueError(
+                f"{name}: every spatial size must be divisible by {multiple} (2^(levels-1) for "
+                f"{self.config.unet.levels} levels), got spatial size {spatial}; pad or resize the images"
+            )
+        return tensor
+
+    # ------------------------------------------------------------------ nodes
+    def feature_info(self) -> list[FeatureInfo]:
+        """The feature nodes in forward order, each with channels, stride and stage."""
+        return list(self._feature_info)
+
+    @property
+    def node_names(self) -> list[str]:
+        return [info.name for info in self._feature_info]
+
+    def node_module(self, name: str) -> nn.Module:
+        """The module whose forward output is node ``name``."""
+        self.check_nodes([name])
+        return self._modules[name]
+
+    def check_nodes(self, nodes: Any) -> list[str]:
+        """Validate node names; unknown names raise and list the valid ones."""
+        if isinstance(nodes, str):
+            nodes = [nodes]
+        nodes = list(nodes)
+        if not nodes:
+            raise ValueError(f"nodes: expected at least one node name from {self.node_names}")
+        unknown = [n for n in nodes if n not in self._modules]
+        if unknown:
+            raise ValueError(f"nodes: unknown node name(s) {unknown}; valid names are {self.node_names}")
+        return nodes
+
+    # --------------------------------------------------------------- forward
+    def __call__(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The U-Net's noise prediction eps_theta(x_t, t), inputs in model range."""
+        return self.unet(x_t, timesteps)
+
+    def to(self, device: str | torch.device) -> "Backbone":
+        self.unet.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.unet.parameters())
+
+    def save(self, directory: Any) -> None:
+        """Write ``config.json`` and ``model.safetensors`` to ``directory`` (see diffrep.backbones.checkpoint)."""
+        from .checkpoint import save_backbone
+
+        save_backbone(self, directory)
+
+
+def build_unet(config: BackboneConfig) -> DiffusionModelUNet:
+    """Instantiate MONAI's DiffusionModelUNet from a validated config."""
+    u = config.unet
+    return DiffusionModelUNet(
+        spatial_dims=u.spatial_dims,
+        in_channels=u.in_channels,
+        out_channels=u.out_channels,
+        channels=tuple(u.channels),
+        attention_levels=tuple(u.attention_levels),
+        num_res_blocks=u.num_res_blocks,
+        norm_num_groups=u.norm_num_groups,
+        num_head_channels=u.num_head_channels,
+        resblock_updown=u.resblock_updown,
+    )
+
+
+def _node_modules(unet: DiffusionModelUNet) -> list[nn.Module]:
+    modules: list[nn.Module] = []
+    for block in unet.down_blocks:
+        attentions = getattr(block, "attentions", None)
+        modules.append(attentions[-1] if attentions is not None and len(attentions) else block.resnets[-1])
+    modules.append(unet.middle_block)
+    modules.extend(unet.up_blocks)
+    return modules
+
+
+def _discover_nodes(unet: DiffusionModelUNet, channels: tuple[int, ...]) -> list[FeatureInfo]:
+    levels = len(channels)
+    infos = [FeatureInfo(f"down.{i}", channels[i], 2**i, "down", i) for i in range(levels)]
+    infos.append(FeatureInfo("mid", channels[-1], 2 ** (levels - 1), "mid", levels))
+    reversed_channels = list(reversed(channels))
+    for i in range(levels):
+        stride = 2 ** max(levels - 2 - i, 0)
+        infos.append(FeatureInfo(f"up.{i}", reversed_channels[i], stride, "up", levels + 1 + i))
+    return infos

@@ -1,0 +1,129 @@
+"""Backbone checkpoints: a directory with ``config.json`` and ``model.safetensors``. No pickle, ever.
+
+Weights may be stored in fp16 to keep the shipped defaults small; they always load as float32.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..config import from_dict, to_dict
+from .backbone import Backbone
+from .config import BackboneConfig
+
+FORMAT = "diffrep-backbone"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, corrupt, or its config and weights disagree."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path`` and rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_backbone(backbone: Backbone, directory: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Path:
+    """Save ``backbone`` as ``directory/config.json`` + ``directory/model.safetensors`` (atomic writes)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in backbone.unet.state_dict().items()}
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "weights_dtype": str(dtype).removeprefix("torch."),
+               **to_dict(backbone.config)}
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".model.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"format": FORMAT})
+        os.replace(tmp, directory / WEIGHTS_NAME)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+    return directory
+
+
+def read_config(directory: str | os.PathLike) -> BackboneConfig:
+    """Read and validate ``config.json``; unknown keys and a wrong format are errors."""
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint: expected a directory holding {CONFIG_NAME} and {WEIGHTS_NAME}, got {directory}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint: {path} is missing")
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"checkpoint: {path} is not valid JSON ({err})") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        got = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"checkpoint: {path} expected format {FORMAT!r}, got {got!r}")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint: {path} expected format_version {FORMAT_VERSION}, got {payload.get('format_version')!r}")
+    body = {k: v for k, v in payload.items() if k not in ("format", "format_version", "weights_dtype")}
+    try:
+        config = from_dict(BackboneConfig, body, where=str(path))
+        config.validate()
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(str(err)) from err
+    return config
+
+
+def load_checkpoint(directory: str | os.PathLike) -> Backbone:
+    """Load a backbone directory; every mismatch between config and weights is named in the error."""
+    directory = Path(directory)
+    config = read_config(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"checkpoint: {weights} is missing")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint: {weights} is not a readable safetensors file ({err})") from err
+    backbone = Backbone(config)
+    load_state_checked(backbone.unet, state, source=str(weights))
+    return backbone
+
+
+def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``module`` after checking keys and shapes; casts floating tensors to fp32."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [f"{k}: config expects {tuple(expected[k].shape)}, weights have {tuple(state[k].shape)}"
+                  for k in sorted(set(expected) & set(state)) if expected[k].shape != state[k].shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {missing[:5]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:5]}")
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatch(es), e.g. {mismatched[:5]}")
+        raise CheckpointError(f"checkpoint: {source} does not match its config: " + "; ".join(parts))
+    cast = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    module.load_state_dict(cast, strict=True)
+
+
+def describe(config: BackboneConfig) -> dict[str, Any]:
+    """A short JSON-ready summary of a config for listings."""
+    return to_dict(config)

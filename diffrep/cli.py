@@ -1,0 +1,110 @@
+"""The ``diffrep`` command: thin wrappers over library calls."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+
+def _cmd_nodes(args: argparse.Namespace) -> int:
+    from .backbones import load_backbone
+
+    backbone = load_backbone(args.checkpoint)
+    infos = backbone.feature_info()
+    if args.json:
+        print(json.dumps([{"name": i.name, "channels": i.channels, "stride": i.stride, "stage": i.stage} for i in infos], indent=2))
+        return 0
+    print(f"{'node':<8} {'stage':<5} {'channels':>8} {'stride':>6}")
+    for i in infos:
+        print(f"{i.name:<8} {i.stage:<5} {i.channels:>8} {i.stride:>6}")
+    return 0
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from .backbones import load_backbone
+    from .features.io import extract_to_file, read_images
+
+    backbone = load_backbone(args.checkpoint)
+    images = read_images(args.input, backbone)
+    out = extract_to_file(backbone, images, args.nodes, args.timesteps, Path(args.out), noise=args.noise,
+                          seed=args.seed, batch_size=args.batch_size)
+    print(f"wrote features of {images.shape[0]} image(s) to {out}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .training import load_train_config, train
+
+    config = load_train_config(args.config)
+    out = Path(args.out) if args.out else Path("runs") / config.name
+    export = train(config, out, resume=args.resume, max_steps=args.max_steps, num_threads=args.threads)
+    print(f"backbone written to {export}")
+    return 0
+
+
+def _cmd_zoo(args: argparse.Namespace) -> int:
+    from .backbones import zoo_entries
+
+    entries = zoo_entries()
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    if not entries:
+        print("no shipped defaults installed")
+    for e in entries:
+        prov = e["provenance"]
+        losses = prov.get("heldout_loss", {})
+        print(f"{e['name']}: channels={e['unet']['channels']} steps={prov.get('steps')} "
+              f"complete={prov.get('complete')} data={prov.get('data', {}).get('dataset')} "
+              f"heldout_loss={ {k: round(v, 4) for k, v in losses.items()} }")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffrep", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("nodes", help="list a backbone's feature nodes")
+    p.add_argument("checkpoint", help="checkpoint directory or shipped default name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_nodes)
+
+    p = sub.add_parser("extract", help="extract features of images (.npy or a folder of PNGs) to a .safetensors file")
+    p.add_argument("checkpoint")
+    p.add_argument("input", help=".npy array (N,C,H,W)/(N,H,W) or a folder of PNG files")
+    p.add_argument("--nodes", nargs="+", required=True)
+    p.add_argument("--timesteps", nargs="+", type=int, required=True)
+    p.add_argument("--noise", default="shared")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_extract)
+
+    p = sub.add_parser("train", help="train a DDPM from a recipe (works under torchrun)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--max-steps", type=int, default=None, help="stop at this global step (the LR schedule stays the recipe's)")
+    p.add_argument("--out", default=None, help="run directory (default runs/NAME)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("zoo", help="list the shipped pretrained defaults")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_zoo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"diffrep {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

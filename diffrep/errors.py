@@ -1,0 +1,40 @@
+"""Input validation at the library's edge: errors that name what was expected and what arrived."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def as_float_images(images: Any, *, in_channels: int, spatial_dims: int, name: str = "images") -> torch.Tensor:
+    """Check and convert an image batch to a float32 tensor of shape (N, C, *spatial).
+
+    Refuses integer (e.g. uint8) input: diffrep never guesses a 0..255 scaling; convert with the
+    backbone's documented normalisation (``Backbone.normalise``) first.
+    """
+    if isinstance(images, np.ndarray):
+        tensor = torch.from_numpy(np.ascontiguousarray(images))
+    elif isinstance(images, torch.Tensor):
+        tensor = images
+    else:
+        raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(images).__name__}")
+    if not (tensor.is_floating_point()):
+        raise TypeError(
+            f"{name}: expected floating-point images in the backbone's data range, got dtype {tensor.dtype}. "
+            "Integer images (e.g. uint8 0..255) are refused; scale them with Backbone.normalise(images) first."
+        )
+    expected_rank = spatial_dims + 2
+    if tensor.ndim != expected_rank:
+        raise ValueError(
+            f"{name}: expected a tensor of rank {expected_rank} (N, C{', D' if spatial_dims == 3 else ''}, H, W), "
+            f"got shape {tuple(tensor.shape)}"
+        )
+    if tensor.shape[0] == 0:
+        raise ValueError(f"{name}: expected a non-empty batch, got shape {tuple(tensor.shape)}")
+    if tensor.shape[1] != in_channels:
+        raise ValueError(f"{name}: expected {in_channels} channel(s) in dim 1, got {tensor.shape[1]} (shape {tuple(tensor.shape)})")
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{name}: expected finite values, got {bad} NaN/Inf element(s)")
+    return tensor.float()

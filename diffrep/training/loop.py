@@ -1,0 +1,164 @@
+"""DDPM pretraining (Ho et al. 2020): epsilon prediction with MONAI's U-Net and schedule.
+
+Single process or under ``torchrun --nproc_per_node=K`` (DistributedDataParallel; gloo on CPU, nccl
+on GPU). Periodic atomic checkpoints hold everything needed for an exact ``--resume``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..backbones.backbone import Backbone
+from ..backbones.checkpoint import save_backbone
+from ..config import to_dict
+from .config import TrainConfig
+from .data import TrainingData, build_training_data
+from .distributed import DistContext, barrier, init_distributed, shutdown
+from .evaluate import heldout_losses
+from .reports import write_loss_curve, write_sample_grid
+from .state import STATE_NAME, load_state, save_state
+
+
+def step_noise(config: TrainConfig, step: int, images: torch.Tensor, num_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timesteps and Gaussian noise for the global batch at ``step``: a pure function of (seed, step)."""
+    generator = torch.Generator().manual_seed(config.seed * 1_000_033 + step)
+    timesteps = torch.randint(0, num_timesteps, (images.shape[0],), generator=generator)
+    noise = torch.randn(images.shape, generator=generator)
+    return timesteps, noise
+
+
+def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, max_steps: int | None = None,
+          progress: bool = True, data: TrainingData | None = None, num_threads: int | None = None) -> Path:
+    """Train (or resume) the recipe ``config`` into ``out_dir``; return the exported backbone directory.
+
+    ``max_steps`` stops this invocation at that global step without changing the recipe's LR
+    schedule, so a long run can be split over sessions with ``resume=True``.
+    """
+    config.validate()
+    out_dir = Path(out_dir)
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    ctx = init_distributed()
+    try:
+        return _train(config, out_dir, resume, max_steps, progress, data, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def _train(config: TrainConfig, out_dir: Path, resume: bool, max_steps: int | None, progress: bool,
+           data: TrainingData | None, ctx: DistContext) -> Path:
+    torch.manual_seed(config.seed)
+    backbone = Backbone(copy.deepcopy(config.backbone))
+    model = backbone.unet.to(ctx.device).train()
+    fresh_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    lr_schedule = CosineLRScheduler(optimizer, t_initial=config.max_steps, lr_min=config.optim.min_lr,
+                                    warmup_t=config.optim.warmup_steps, warmup_lr_init=config.optim.lr * 0.01,
+                                    t_in_epochs=False)
+    ema = ModelEmaV3(model, decay=config.optim.ema_decay, use_warmup=config.optim.ema_warmup)
+    step = 0
+    state_path = out_dir / STATE_NAME
+    if resume:
+        state = load_state(state_path)
+        if state["recipe"] != to_dict(config):
+            raise ValueError(f"--resume: the recipe differs from the one in {state_path}; resume with the same config")
+        model.load_state_dict(state["model"])
+        ema.module.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        torch.set_rng_state(state["torch_rng"])
+        step = int(state["step"])
+    data = data or build_training_data(config.data, config.seed)
+    net = DistributedDataParallel(model) if ctx.world_size > 1 else model
+    stop = min(config.max_steps, max_steps if max_steps is not None else config.max_steps)
+    log_path = out_dir / "log.jsonl"
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    shard = ctx.shard(config.optim.batch_size)
+    bar = tqdm(total=stop, initial=step, disable=not (progress and ctx.is_main), desc=config.name, dynamic_ncols=True)
+    window_loss, window_count, window_start = 0.0, 0, time.perf_counter()
+    while step < stop:
+        lr_schedule.step_update(num_updates=step)
+        images = data.batch(config.seed, step, config.optim.batch_size)
+        timesteps, noise = step_noise(config, step, images, backbone.num_timesteps)
+        images, timesteps, noise = images[shard].to(ctx.device), timesteps[shard].to(ctx.device), noise[shard].to(ctx.device)
+        x_t = backbone.add_noise(backbone.to_model_range(images), noise, timesteps)
+        loss = F.mse_loss(net(x_t, timesteps), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        optimizer.step()
+        step += 1
+        ema.update(model, step=step)
+        window_loss += loss.item()
+        window_count += 1
+        bar.update(1)
+        if step % config.log_every == 0 or step == stop:
+            elapsed = time.perf_counter() - window_start
+            record = {"step": step, "loss": window_loss / window_count, "lr": optimizer.param_groups[0]["lr"],
+                      "images_per_s": window_count * config.optim.batch_size / max(elapsed, 1e-9), "time": time.time()}
+            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+            if ctx.is_main:
+                with log_path.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            window_loss, window_count, window_start = 0.0, 0, time.perf_counter()
+        if ctx.is_main and (step % config.checkpoint_every == 0 or step == stop):
+            save_state(state_path, {
+                "recipe": to_dict(config), "step": step, "model": model.state_dict(), "ema": ema.module.state_dict(),
+                "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
+                "torch_rng": torch.get_rng_state(), "data_position": data.position(step, config.optim.batch_size),
+            })
+    bar.close()
+    barrier(ctx)
+    export_dir = out_dir / "backbone"
+    if ctx.is_main:
+        _export(config, backbone, ema, fresh_state, data, step, out_dir, export_dir)
+    barrier(ctx)
+    return export_dir
+
+
+def _export(config: TrainConfig, backbone: Backbone, ema: ModelEmaV3, fresh_state: dict, data: TrainingData,
+            step: int, out_dir: Path, export_dir: Path) -> None:
+    """Write the EMA backbone with full provenance, held-out losses, loss curve and sample grid."""
+    trained = Backbone(copy.deepcopy(config.backbone))
+    trained.unet.load_state_dict({k: v.detach().cpu() for k, v in ema.module.state_dict().items()})
+    fresh = Backbone(copy.deepcopy(config.backbone))
+    fresh.unet.load_state_dict({k: v.cpu() for k, v in fresh_state.items()})
+    losses = heldout_losses(trained, data.heldout, config.eval_timesteps, seed=config.seed)
+    fresh_losses = heldout_losses(fresh, data.heldout, config.eval_timesteps, seed=config.seed)
+    records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    provenance: dict[str, Any] = {
+        "recipe": to_dict(config), "steps": step, "complete": step >= config.max_steps, "seed": config.seed,
+        "data": data.description, "final_train_loss": records[-1]["loss"] if records else None,
+        "heldout_loss": {str(t): v for t, v in losses.items()},
+        "heldout_loss_fresh_init": {str(t): v for t, v in fresh_losses.items()},
+        "ema_decay": config.optim.ema_decay, "weights": "EMA",
+        "versions": {"torch": torch.__version__, "python": platform.python_version(), **_versions()},
+    }
+    trained.config.provenance = provenance
+    save_backbone(trained, export_dir)
+    (out_dir / "heldout_losses.json").write_text(json.dumps(
+        {"trained_ema": provenance["heldout_loss"], "fresh_init": provenance["heldout_loss_fresh_init"],
+         "noise_level": {str(t): trained.noise_level(t) for t in config.eval_timesteps}, "steps": step}, indent=2))
+    write_loss_curve(records, out_dir / "loss_curve.png", title=f"{config.name}: training loss")
+    spatial = tuple(data.images.shape[2:])
+    write_sample_grid(trained, spatial, out_dir / "samples.png", steps=config.sample_steps, seed=config.seed,
+                      title=f"{config.name}: {config.sample_steps}-step DDIM samples after {step} steps")
+
+
+def _versions() -> dict[str, str]:
+    import monai
+    import timm
+
+    return {"monai": monai.__version__, "timm": timm.__version__}
