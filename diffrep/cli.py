@@ -62,6 +62,13 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import print_summary, run_demo
+
+    print_summary(run_demo(args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffrep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory (default runs/NAME)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("demo", help="features of held-out brain MRI slices from the shipped default")
+    p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("zoo", help="list the shipped pretrained defaults")
     p.add_argument("--json", action="store_true")

@@ -88,6 +88,8 @@ def test_tissue_maps_and_errors(tmp_path):
         load_brain_slices(size=16, volumes=[{"t1": spec["t1"], "gm": spec["gm"]}])
     with pytest.raises(ValueError, match="slice_range"):
         load_brain_slices(size=16, volumes=[spec], slice_range=(5, 2))
+    with pytest.raises(ValueError, match="expected at least one slice"):
+        load_brain_slices(size=16, volumes=[spec], slice_range=(100, 120))
 
 
 def test_check_labels():

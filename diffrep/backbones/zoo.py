@@ -34,15 +34,9 @@ def zoo_entries() -> list[dict[str, Any]]:
 def load_backbone(path_or_name: str | os.PathLike, device: str | torch.device = "cpu") -> Backbone:
     """Load a backbone from a checkpoint directory or by the name of a shipped default (offline).
 
-    Directories written by diffusers (``UNet2DModel.save_pretrained``) are recognised too and
-    loaded through ``diffrep.backbones.diffusers_unet`` when diffusers is installed.
     """
     path = Path(path_or_name)
     if path.is_dir():
-        if (path / CONFIG_NAME).is_file() and _is_diffusers_dir(path):
-            from .diffusers_unet import load_diffusers_unet
-
-            return load_diffusers_unet(path).to(device)
         return load_checkpoint(path).to(device)
     name = str(path_or_name)
     if name in zoo_names():
@@ -52,10 +46,3 @@ def load_backbone(path_or_name: str | os.PathLike, device: str | torch.device = 
         f"shipped defaults are {zoo_names() or '(none installed)'}"
     )
 
-
-def _is_diffusers_dir(path: Path) -> bool:
-    try:
-        payload = json.loads((path / CONFIG_NAME).read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(payload, dict) and payload.get("_class_name") == "UNet2DModel"

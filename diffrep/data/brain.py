@@ -313,6 +313,9 @@ def load_brain_slices(size: int = 64, volumes: VolumeSpec | Sequence[VolumeSpec]
         meta["crop_boxes"].append(tuple(int(x) for x in res["box"]))
         meta["label_method"].append("tissue_maps" if spec["gm"] else "multiotsu")
     out = {k: np.concatenate(v) for k, v in parts.items()}
+    if len(out["images"]) == 0:
+        raise ValueError(f"expected at least one slice with brain fraction >= {min_brain_fraction} in slice_range "
+                         f"{ranges}, got none (volumes: {[v['t1'] for v in meta['volumes']]})")
     return BrainSlices(out["images"], out["masks"], out["labels"], out["slice_index"].astype(np.int64),
                        out["volume_id"], meta)
 

@@ -1,0 +1,103 @@
+"""On-disk feature store: features written chunk by chunk, resumable, keyed so stale data is never read.
+
+A store is a directory ``ROOT/<key>/`` where ``key`` is a hash of the fingerprint (checkpoint,
+nodes, timesteps, noise, seed, aggregation, data...). Each chunk is one ``.safetensors`` file
+written atomically, so an interrupted fill keeps every finished chunk and resumes where it stopped.
+Nothing here ever holds more than one chunk in memory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..backbones.checkpoint import atomic_write_bytes
+
+MANIFEST = "manifest.json"
+
+
+def fingerprint_key(fingerprint: Mapping[str, Any]) -> str:
+    """A short stable hash of a JSON-able fingerprint."""
+    text = json.dumps(fingerprint, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_digest(path: str | os.PathLike, limit: int | None = None) -> str:
+    """SHA-256 of a file (e.g. a checkpoint's weights), to put a checkpoint's identity in a fingerprint."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+class FeatureStore:
+    """A directory of feature chunks under a fingerprint-derived key.
+
+    Args:
+        root: parent directory of all stores.
+        fingerprint: everything that determines the features; a different fingerprint gives a
+            different directory, so a stale store is never read.
+    """
+
+    def __init__(self, root: str | os.PathLike, fingerprint: Mapping[str, Any]) -> None:
+        self.fingerprint = dict(fingerprint)
+        self.key = fingerprint_key(self.fingerprint)
+        self.path = Path(root) / self.key
+        self.path.mkdir(parents=True, exist_ok=True)
+        manifest = self.path / MANIFEST
+        if manifest.is_file():
+            stored = json.loads(manifest.read_text())
+            if stored.get("fingerprint") != json.loads(json.dumps(self.fingerprint, sort_keys=True, default=str)):
+                raise ValueError(f"feature store {self.path}: manifest fingerprint differs from the requested one")
+        else:
+            atomic_write_bytes(manifest, json.dumps({"fingerprint": self.fingerprint}, sort_keys=True,
+                                                    indent=2, default=str).encode())
+
+    def _chunk_path(self, chunk_id: int) -> Path:
+        return self.path / f"chunk-{chunk_id:06d}.safetensors"
+
+    def has(self, chunk_id: int) -> bool:
+        return self._chunk_path(chunk_id).is_file()
+
+    def chunk_ids(self) -> list[int]:
+        return sorted(int(p.stem.split("-")[1]) for p in self.path.glob("chunk-*.safetensors"))
+
+    def write(self, chunk_id: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Atomically write one chunk (temporary name, then rename)."""
+        target = self._chunk_path(chunk_id)
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def read(self, chunk_id: int) -> dict[str, torch.Tensor]:
+        if not self.has(chunk_id):
+            raise KeyError(f"feature store {self.path}: chunk {chunk_id} has not been written")
+        return load_file(str(self._chunk_path(chunk_id)))
+
+    def fill(self, num_chunks: int, compute: Callable[[int], Mapping[str, torch.Tensor]],
+             progress: Callable[[Iterator[int]], Iterator[int]] | None = None) -> "FeatureStore":
+        """Compute and write every missing chunk 0..num_chunks-1; finished chunks are skipped."""
+        todo = [i for i in range(num_chunks) if not self.has(i)]
+        for chunk_id in (progress(iter(todo)) if progress else todo):
+            self.write(chunk_id, compute(chunk_id))
+        return self
+
+    def iter_chunks(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        for chunk_id in self.chunk_ids():
+            yield chunk_id, self.read(chunk_id)
+
+    def concat(self, name: str) -> torch.Tensor:
+        """Concatenate one tensor over all chunks in order (for small per-image vectors only)."""
+        return torch.cat([chunk[name] for _, chunk in self.iter_chunks()])

@@ -1,0 +1,77 @@
+"""The diffrep command: nodes, extract (.npy and PNG folders), zoo, and clear errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from diffrep.backbones import save_backbone
+from diffrep.cli import main
+
+from .conftest import make_backbone
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    path = tmp_path / "ckpt"
+    save_backbone(make_backbone("2d-3level-attn"), path)
+    return path
+
+
+def test_nodes_table_and_json(checkpoint, capsys):
+    assert main(["nodes", str(checkpoint)]) == 0
+    table = capsys.readouterr().out
+    assert "down.0" in table and "mid" in table and "up.2" in table
+    assert main(["nodes", str(checkpoint), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == ["down.0", "down.1", "down.2", "mid", "up.0", "up.1", "up.2"]
+    assert rows[1] == {"name": "down.1", "channels": 16, "stride": 2, "stage": "down"}
+
+
+def test_extract_npy_writes_features_and_metadata(checkpoint, tmp_path):
+    images = np.random.default_rng(0).random((3, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", images)
+    out = tmp_path / "feats.safetensors"
+    assert main(["extract", str(checkpoint), str(tmp_path / "x.npy"), "--nodes", "mid", "up.1",
+                 "--timesteps", "10", "100", "--out", str(out)]) == 0
+    with safe_open(str(out), "pt") as handle:
+        assert sorted(handle.keys()) == ["mid@10", "mid@100", "up.1@10", "up.1@100"]
+        assert tuple(handle.get_tensor("up.1@10").shape) == (3, 16, 16, 16)
+        meta = json.loads(handle.metadata()["diffrep"])
+    assert meta["noise"] == "shared" and {k["timestep"] for k in meta["keys"]} == {10, 100}
+    assert all(0 < k["noise_level"] < 1 for k in meta["keys"])
+
+
+def test_extract_png_folder(checkpoint, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray((np.random.default_rng(i).random((16, 16)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "f.safetensors"
+    assert main(["extract", str(checkpoint), str(folder), "--nodes", "down.0", "--timesteps", "0", "--out", str(out)]) == 0
+    with safe_open(str(out), "pt") as handle:
+        assert tuple(handle.get_tensor("down.0@0").shape) == (2, 8, 16, 16)
+
+
+def test_cli_errors_are_clear(checkpoint, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((2, 16, 16), np.float32))
+    assert main(["extract", str(checkpoint), str(tmp_path / "x.npy"), "--nodes", "bogus", "--timesteps", "1",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "valid names are" in capsys.readouterr().err
+    assert main(["extract", str(checkpoint), str(tmp_path / "missing.npy"), "--nodes", "mid", "--timesteps", "1",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["nodes", str(tmp_path / "nowhere")]) == 2
+    assert "neither a checkpoint directory nor a shipped default" in capsys.readouterr().err
+
+
+def test_zoo_lists_entries(capsys):
+    assert main(["zoo", "--json"]) == 0
+    entries = json.loads(capsys.readouterr().out)
+    assert isinstance(entries, list)
+    for entry in entries:
+        assert {"name", "path", "provenance"} <= set(entry)

@@ -1,0 +1,36 @@
+"""FeatureStore: atomic chunks, resume after interruption, fingerprint keys that never read stale data."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffrep.features.store import FeatureStore
+
+
+def test_fill_resumes_after_interruption(tmp_path):
+    fingerprint = {"checkpoint": "abc", "nodes": ["mid"], "timesteps": [10], "seed": 0}
+    calls = []
+
+    def compute(i):
+        calls.append(i)
+        if i == 2 and len(calls) == 3:
+            raise KeyboardInterrupt  # interrupted while computing chunk 2
+        return {"x": torch.full((2, 3), float(i))}
+
+    store = FeatureStore(tmp_path, fingerprint)
+    with pytest.raises(KeyboardInterrupt):
+        store.fill(4, compute)
+    assert store.chunk_ids() == [0, 1]
+    assert not list(store.path.glob("*.tmp"))
+    calls.clear()
+    FeatureStore(tmp_path, fingerprint).fill(4, compute)
+    assert calls == [2, 3]
+    torch.testing.assert_close(store.concat("x")[:, 0], torch.tensor([0.0, 0, 1, 1, 2, 2, 3, 3]))
+
+
+def test_different_fingerprint_never_reads_stale_chunks(tmp_path):
+    a = FeatureStore(tmp_path, {"seed": 0}).fill(1, lambda i: {"x": torch.zeros(1)})
+    b = FeatureStore(tmp_path, {"seed": 1})
+    assert a.path != b.path and b.chunk_ids() == []
+    with pytest.raises(KeyError, match="has not been written"):
+        b.read(0)

@@ -1,0 +1,99 @@
+"""DDPM training: exact resume, torchrun with 2 CPU processes, outputs with provenance."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from diffrep import load_backbone
+from diffrep.config import to_dict
+from diffrep.training import TrainConfig, load_train_config, train
+from diffrep.training.config import DataConfig, OptimConfig
+from diffrep.backbones import BackboneConfig
+
+from .conftest import TINY_CONFIGS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_recipe(max_steps: int = 6) -> TrainConfig:
+    return TrainConfig(name="tiny", data=DataConfig(dataset="synthetic", size=16, synthetic_count=24),
+                       backbone=BackboneConfig(unet=TINY_CONFIGS["2d-2level"]),
+                       optim=OptimConfig(batch_size=4, warmup_steps=2), max_steps=max_steps,
+                       checkpoint_every=3, log_every=2, sample_steps=2, eval_timesteps=(10, 500))
+
+
+def _state(run: Path) -> dict:
+    return torch.load(run / "train_state.pt", weights_only=True)
+
+
+def test_resume_is_exact(tmp_path):
+    config = tiny_recipe()
+    train(config, tmp_path / "straight", progress=False)
+    train(config, tmp_path / "split", max_steps=3, progress=False)
+    assert _state(tmp_path / "split")["step"] == 3
+    train(config, tmp_path / "split", resume=True, progress=False)
+    a, b = _state(tmp_path / "straight"), _state(tmp_path / "split")
+    assert b["step"] == 6
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    wa = load_file(str(tmp_path / "straight" / "backbone" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "split" / "backbone" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_training_outputs_and_provenance(tmp_path):
+    export = train(tiny_recipe(), tmp_path / "run", progress=False)
+    for name in ("log.jsonl", "loss_curve.png", "samples.png", "heldout_losses.json", "train_state.pt"):
+        assert (tmp_path / "run" / name).is_file(), name
+    backbone = load_backbone(export)
+    prov = backbone.config.provenance
+    assert prov["steps"] == 6 and prov["complete"] is True and prov["weights"] == "EMA"
+    assert set(prov["heldout_loss"]) == {"10", "500"} and set(prov["heldout_loss_fresh_init"]) == {"10", "500"}
+    assert prov["recipe"]["name"] == "tiny" and "torch" in prov["versions"]
+    state = _state(tmp_path / "run")
+    assert {"model", "ema", "optimizer", "lr_schedule", "torch_rng", "data_position"} <= set(state)
+
+
+def test_resume_refuses_a_different_recipe(tmp_path):
+    train(tiny_recipe(), tmp_path / "run", max_steps=2, progress=False)
+    with pytest.raises(ValueError, match="recipe differs"):
+        train(tiny_recipe(max_steps=8), tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(FileNotFoundError, match="no training state"):
+        train(tiny_recipe(), tmp_path / "fresh", resume=True, progress=False)
+
+
+def test_shipped_recipes_parse_and_unknown_keys_fail(tmp_path):
+    for name in ("fmnist-ddpm", "brain-ddpm"):
+        config = load_train_config(REPO / "configs" / "train" / f"{name}.yaml")
+        assert config.name == name and config.backbone.schedule.num_train_timesteps == 1000
+    bad = to_dict(tiny_recipe())
+    bad["optim"]["learning_rate"] = 1.0
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['learning_rate'\]"):
+        load_train_config(tmp_path / "bad.yaml")
+
+
+def test_torchrun_two_cpu_processes_matches_single_process(tmp_path):
+    recipe = to_dict(tiny_recipe(max_steps=4))
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           "-m", "diffrep.cli", "train", "--config", str(tmp_path / "tiny.yaml"), "--out", str(tmp_path / "ddp"),
+           "--threads", "1"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train(tiny_recipe(max_steps=4), tmp_path / "single", progress=False)
+    ddp, single = _state(tmp_path / "ddp"), _state(tmp_path / "single")
+    assert ddp["step"] == 4
+    for k in single["model"]:
+        torch.testing.assert_close(ddp["model"][k], single["model"][k], rtol=1e-4, atol=1e-5)
+    log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4]
