@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     p.set_defaults(func=_cmd_demo)
 
+    from .anomaly.volume import add_anomaly_cli
+
+    add_anomaly_cli(sub)
+
     p = sub.add_parser("zoo", help="list the shipped pretrained defaults")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_zoo)

@@ -6,6 +6,9 @@ import torch
 
 from diffrep.backbones import Backbone, BackboneConfig, UNetConfig
 
+# Tiny tensors run fastest single-threaded, and CI has 2 cores shared with nothing else to gain.
+torch.set_num_threads(1)
+
 TINY_CONFIGS = {
     "2d-2level": UNetConfig(spatial_dims=2, channels=(8, 16), attention_levels=(False, False),
                             norm_num_groups=8, num_head_channels=8),

@@ -1,0 +1,127 @@
+"""Shared benchmark plumbing: run metadata (command, versions, machine) and JSON output."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages a result depends on."""
+    import monai
+    import numpy
+    import sklearn
+    import timm
+    import torch
+
+    import diffrep
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
+            "timm": timm.__version__, "sklearn": sklearn.__version__, "numpy": numpy.__version__,
+            "diffrep": diffrep.__version__}
+
+
+def run_metadata(config: dict[str, Any], seed: int | None) -> dict[str, Any]:
+    """Command, config, seed, versions, machine and timestamp for a benchmark JSON."""
+    import torch
+
+    return {"command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+            "config": config, "seed": seed, "versions": versions(),
+            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                        "torch_threads": torch.get_num_threads()},
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def write_json(payload: dict[str, Any], path: str | Path) -> Path:
+    """Write a result JSON (atomically) and return its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=float) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def interleaved_medians(variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, dict[str, float]]:
+    """Time each variant in turn, ``repeats`` rounds, so machine noise hits all alike; median and spread."""
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(s), "min_s": min(s), "max_s": max(s), "repeats": len(s)}
+            for name, s in samples.items()}
+
+
+def git_revision() -> dict[str, Any]:
+    """The repository commit and whether the working tree had changes ({} outside a git checkout)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": commit, "dirty": dirty}
+
+
+def mean_std(values: list[float], ddof: int = 1) -> dict[str, Any]:
+    """Mean and standard deviation (sample std, ddof=1, by default; 0.0 for a single value)."""
+    values = [float(v) for v in values]
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        std = 0.0
+    else:
+        std = statistics.stdev(values) if ddof == 1 else statistics.pstdev(values)
+    return {"mean": mean, "std": std, "n": len(values), "values": values}
+
+
+class Stopwatch:
+    """Wall time per named stage: ``with watch("features"): ...``; ``watch.seconds`` is JSON-ready."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str) -> "Stopwatch._Stage":
+        return Stopwatch._Stage(self, name)
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.started, 1)
+
+    class _Stage:
+        def __init__(self, watch: "Stopwatch", name: str) -> None:
+            self.watch, self.name = watch, name
+
+        def __enter__(self) -> None:
+            self.start = time.perf_counter()
+
+        def __exit__(self, *exc: Any) -> None:
+            elapsed = time.perf_counter() - self.start
+            self.watch.seconds[self.name] = round(self.watch.seconds.get(self.name, 0.0) + elapsed, 1)
+
+
+def finish_metadata(meta: dict[str, Any], watch: Stopwatch | None = None) -> dict[str, Any]:
+    """Add the finish timestamp, total and per-stage wall time, and the git revision to ``run_metadata``'s dict."""
+    meta = dict(meta)
+    meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    meta["git"] = git_revision()
+    if watch is not None:
+        meta["wall_seconds"] = watch.total()
+        meta["stage_seconds"] = dict(watch.seconds)
+    return meta
