@@ -1,0 +1,22 @@
+"""Anomaly scorers on diffusion U-Nets (and the DAE baseline): fit on healthy images, score maps.
+
+Every scorer follows :class:`AnomalyScorer`: ``fit(healthy_images, masks=None) -> self``,
+``score(images, masks=None) -> AnomalyResult`` (maps (N, *spatial), scores (N,); higher = more
+anomalous) and ``unet_calls_per_image`` (network evaluations per slice). ``score_volume`` applies a
+scorer to a whole NIfTI volume. Metrics live in ``diffrep.anomaly.metrics``.
+"""
+from .base import AnomalyScorer
+from .dae import DAEScorer, brain_augment
+from .ensemble import MultiLevelScorer
+from .feature_distance import FeatureDistanceScorer
+from .postprocess import check_masks, erode_masks, image_scores, median_filter_maps, postprocess_maps
+from .reconstruction import (ReconstructionScorer, ddim_step, ddim_timesteps, ddpm_posterior_mean,
+                             ddpm_posterior_variance)
+from .volume import add_anomaly_cli, score_volume
+
+__all__ = [
+    "AnomalyScorer", "DAEScorer", "FeatureDistanceScorer", "MultiLevelScorer", "ReconstructionScorer",
+    "add_anomaly_cli", "brain_augment", "check_masks", "ddim_step", "ddim_timesteps", "ddpm_posterior_mean",
+    "ddpm_posterior_variance", "erode_masks", "image_scores", "median_filter_maps", "postprocess_maps",
+    "score_volume",
+]

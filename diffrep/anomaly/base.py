@@ -1,0 +1,107 @@
+"""The AnomalyScorer contract shared by every anomaly method in diffrep.
+
+Scikit-learn conventions (DESIGN.md): ``__init__`` stores its arguments and nothing else (so
+``sklearn.base.clone`` and ``get_params`` work), validation happens in ``fit``/``score``, fitted
+state ends in ``_``, ``fit`` returns ``self``. Higher scores mean more anomalous, everywhere.
+
+A subclass implements ``_raw_maps`` (a float tensor (n, *spatial) per batch: the unprocessed
+anomaly evidence, e.g. a residual in the data range) and ``unet_calls_per_image``; the base class
+does batching, brain-mask handling, erosion, median filtering and image scores.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator
+
+from .._types import AnomalyResult
+from .postprocess import check_masks, image_scores, postprocess_maps
+
+
+class AnomalyScorer(BaseEstimator):
+    """Base class: ``fit(healthy_images, masks=None) -> self``, ``score(images, masks=None) -> AnomalyResult``.
+
+    Subclasses have the attributes ``erode`` (mask erosion in pixels), ``median`` (median filter
+    size, 0 = none), ``top_fraction`` (image score = mean of the top fraction of map values inside
+    the mask; 1.0 = mean over the mask) and ``batch_size``.
+    """
+
+    erode: int = 0
+    median: int = 0
+    top_fraction: float = 0.01
+    batch_size: int = 32
+
+    # ---------------------------------------------------------------- contract
+    @property
+    def unet_calls_per_image(self) -> int:
+        """Network evaluations spent on one image (slice) with the configured settings (NFE)."""
+        raise NotImplementedError
+
+    def _raw_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """Unprocessed anomaly maps (n, *spatial) of one validated batch (data range)."""
+        raise NotImplementedError
+
+    def _check_images(self, images: Any) -> torch.Tensor:
+        """Validate an image batch; the default asks the scorer's backbone."""
+        return self.backbone.check_images(images)  # type: ignore[attr-defined]
+
+    def _validate(self) -> None:
+        """Check the stored arguments; raise ValueError naming valid values. Extended by subclasses."""
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive integer, got {self.batch_size!r}")
+        for name in ("erode", "median"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
+        if not (isinstance(self.top_fraction, (int, float)) and 0.0 < float(self.top_fraction) <= 1.0):
+            raise ValueError(f"top_fraction: expected a number in (0, 1], got {self.top_fraction!r}")
+
+    # ------------------------------------------------------------------ public
+    def fit(self, healthy_images: Any, masks: Any = None) -> "AnomalyScorer":
+        """Nothing to learn for a pure reconstruction scorer: validate the settings, return self."""
+        self._validate()
+        self._check_images(healthy_images)
+        return self
+
+    def raw_maps(self, images: Any) -> np.ndarray:
+        """Unprocessed anomaly maps (N, *spatial) float32, computed in batches of ``batch_size``."""
+        self._validate()
+        x = self._check_images(images)
+        return self._batched_raw_maps(x)
+
+    def score(self, images: Any, masks: Any = None) -> AnomalyResult:
+        """Anomaly maps (N, *spatial) and image scores (N,) for images in the data range.
+
+        Maps are post-processed (see :func:`diffrep.anomaly.postprocess.postprocess_maps`): zeroed
+        outside the eroded mask when masks are given, then median-filtered.
+        """
+        self._validate()
+        x = self._check_images(images)
+        m = check_masks(masks, tuple(x.shape))
+        return self._finish(self._batched_raw_maps(x), m)
+
+    # ----------------------------------------------------------------- helpers
+    def _batched_raw_maps(self, x: torch.Tensor) -> np.ndarray:
+        parts = [self._raw_maps(x[i:i + self.batch_size]).detach().float().cpu().numpy()
+                 for i in range(0, x.shape[0], self.batch_size)]
+        return np.concatenate(parts).astype(np.float32, copy=False)
+
+    def _finish(self, raw: np.ndarray, masks: np.ndarray | None) -> AnomalyResult:
+        maps, eroded = postprocess_maps(raw, masks, erode=int(self.erode), median=int(self.median))
+        return AnomalyResult(scores=image_scores(maps, eroded, float(self.top_fraction)), maps=maps)
+
+
+def check_choice(value: Any, name: str, valid: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``valid``; otherwise raise a ValueError listing the valid values."""
+    if value not in valid:
+        raise ValueError(f"{name}: expected one of {list(valid)}, got {value!r}")
+    return value
+
+
+def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    """Return ``value`` as int if it is an integer >= ``minimum``; otherwise raise ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)

@@ -1,0 +1,207 @@
+"""The denoising-autoencoder baseline of Kascenas et al. (MIDL 2022, "Denoising autoencoders for
+unsupervised anomaly detection in brain MRI"; MedIA 2023, "The role of noise in denoising models
+for anomaly detection in medical images").
+
+A 2D U-Net (MONAI ``UNet``) learns to remove *coarse* noise (N(0, 0.2^2) drawn on a 16 x 16 grid,
+upsampled bilinearly, randomly rolled, foreground only) from healthy images with an L2 loss. At test
+time one forward pass reconstructs the image; the anomaly map is |x - DAE(x)| (one network call per
+slice). The reference recipe post-processes with an eroded brain mask and a 5 x 5 median filter
+(``erode``, ``median``).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._types import AnomalyResult
+from ..errors import as_float_images
+from .base import AnomalyScorer, check_positive_int
+from .postprocess import check_masks
+
+FORMAT = "diffrep-dae"
+FORMAT_VERSION = 1
+Augment = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def brain_augment(prob: float = 0.5) -> Augment:
+    """An ``augment(images, masks, seed) -> (images, masks)`` callable built on diffrep.data.augment."""
+    from ..data.augment import augment_batch, brain_augmentation
+
+    def augment(images: torch.Tensor, masks: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.long)
+        out, out_masks, _ = augment_batch(brain_augmentation(seed % 2**31, prob), images, masks.bool(), labels)
+        return out, out_masks.float()
+
+    return augment
+
+
+class DAEScorer(AnomalyScorer):
+    """Coarse-noise denoising autoencoder; ``fit`` trains it, ``score`` = |x - DAE(x)|.
+
+    Args:
+        model: an image-to-image module to train (None = a MONAI UNet built from the next arguments;
+            only such a model can be saved).
+        channels, strides, num_res_units: MONAI ``UNet`` architecture (2D, in = out = ``in_channels``).
+        noise_resolution, noise_std: the coarse noise (Kascenas et al.: 16 x 16, std 0.2).
+        erode, median, top_fraction, batch_size: see AnomalyScorer. device: where the model runs.
+    """
+
+    def __init__(self, model: nn.Module | None = None, channels: Sequence[int] = (32, 64, 128, 256),
+                 strides: Sequence[int] = (2, 2, 2), num_res_units: int = 2, in_channels: int = 1,
+                 noise_resolution: int = 16, noise_std: float = 0.2, erode: int = 0, median: int = 0,
+                 top_fraction: float = 0.01, batch_size: int = 32, device: str = "cpu") -> None:
+        self.model = model
+        self.channels = channels
+        self.strides = strides
+        self.num_res_units = num_res_units
+        self.in_channels = in_channels
+        self.noise_resolution = noise_resolution
+        self.noise_std = noise_std
+        self.erode = erode
+        self.median = median
+        self.top_fraction = top_fraction
+        self.batch_size = batch_size
+        self.device = device
+
+    def build_model(self) -> nn.Module:
+        """The MONAI 2D UNet described by this scorer's architecture arguments."""
+        from monai.networks.nets import UNet
+
+        if len(self.strides) != len(self.channels) - 1:
+            raise ValueError(f"strides: expected len(channels) - 1 = {len(self.channels) - 1} entries, got {len(self.strides)}")
+        return UNet(spatial_dims=2, in_channels=self.in_channels, out_channels=self.in_channels,
+                    channels=tuple(self.channels), strides=tuple(self.strides), num_res_units=self.num_res_units)
+
+    @property
+    def unet_calls_per_image(self) -> int:
+        """One forward pass per image."""
+        return 1
+
+    def _check_images(self, images: Any) -> torch.Tensor:
+        x = as_float_images(images, in_channels=self.in_channels, spatial_dims=2)
+        multiple = int(np.prod(self.strides)) if self.model is None else 1
+        if any(s % multiple for s in x.shape[2:]):
+            raise ValueError(f"images: expected spatial sizes divisible by {multiple} (product of strides), "
+                             f"got {tuple(x.shape[2:])}")
+        return x
+
+    # ------------------------------------------------------------------- train
+    def fit(self, healthy_images: Any, masks: Any = None, steps: int = 1000, batch_size: int = 16, lr: float = 1e-4,
+            seed: int = 0, augment: Augment | None = None, progress: bool = True) -> "DAEScorer":
+        """Train the DAE on healthy images with the L2 loss ||DAE(x + n) - x||^2, n coarse noise.
+
+        The noise is applied inside ``masks`` only (foreground) when masks are given. Seeded: the
+        initial weights, the batches, the noise and the augmentation seeds all derive from ``seed``.
+        ``augment(images, masks, seed) -> (images, masks)`` runs per batch (see :func:`brain_augment`).
+        """
+        from tqdm.auto import tqdm
+
+        from ..noise import make_noise
+
+        self._validate()
+        steps, batch_size = check_positive_int(steps, "steps"), check_positive_int(batch_size, "batch_size")
+        x = self._check_images(healthy_images)
+        m = check_masks(masks, tuple(x.shape))
+        m = torch.from_numpy(m)[:, None].float() if m is not None else torch.ones_like(x[:, :1])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            model = self.build_model() if self.model is None else copy.deepcopy(self.model)
+        model.to(self.device).train()
+        optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+        generator = torch.Generator().manual_seed(int(seed))
+        history = []
+        for step in tqdm(range(steps), desc="DAE training", disable=not progress):
+            index = torch.randint(0, x.shape[0], (batch_size,), generator=generator)
+            xb, mb = x[index], m[index]
+            if augment is not None:
+                xb, mb = augment(xb, mb, int(seed) * 1_000_003 + step)
+            noise = make_noise("coarse", tuple(xb.shape), generator=generator, resolution=int(self.noise_resolution),
+                               std=float(self.noise_std)) * mb
+            xb = xb.to(self.device)
+            loss = torch.nn.functional.mse_loss(model(xb + noise.to(self.device)), xb)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            history.append(float(loss.detach()))
+        self.model_ = model.eval()
+        self.loss_history_ = history
+        self.training_ = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": int(seed),
+                          "augment": augment is not None, "images": int(x.shape[0]), "final_loss": history[-1]}
+        return self
+
+    # ------------------------------------------------------------------- score
+    def score(self, images: Any, masks: Any = None) -> AnomalyResult:
+        """Maps |x - DAE(x)| (averaged over channels) and image scores; needs ``fit`` or ``load``."""
+        if not hasattr(self, "model_"):
+            from sklearn.exceptions import NotFittedError
+
+            raise NotFittedError("DAEScorer: call fit(healthy_images, masks) or DAEScorer.load(directory) first")
+        return super().score(images, masks)
+
+    @torch.inference_mode()
+    def _raw_maps(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device)
+        return (x - self.model_(x)).abs().mean(dim=1)
+
+    # ---------------------------------------------------------------------- io
+    def _config(self) -> dict[str, Any]:
+        keys = ("channels", "strides", "num_res_units", "in_channels", "noise_resolution", "noise_std",
+                "erode", "median", "top_fraction", "batch_size")
+        params = {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in self.get_params().items() if k in keys}
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "params": params,
+                "training": getattr(self, "training_", None)}
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` (architecture, noise, post-processing, training record) and
+        ``model.safetensors`` (weights) to ``directory``, each atomically."""
+        from safetensors.torch import save_file
+
+        from ..backbones.checkpoint import atomic_write_bytes
+
+        if not hasattr(self, "model_"):
+            raise ValueError("DAEScorer.save: expected a trained scorer (call fit first), got an untrained one")
+        if self.model is not None:
+            raise ValueError("DAEScorer.save: only a model built from channels/strides/num_res_units can be saved "
+                             "(its architecture goes into config.json); got a custom model")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model_.state_dict().items()}
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".model.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(state, tmp, metadata={"format": FORMAT})
+            os.replace(tmp, directory / "model.safetensors")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        atomic_write_bytes(directory / "config.json", (json.dumps(self._config(), indent=2) + "\n").encode())
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, device: str = "cpu") -> "DAEScorer":
+        """Rebuild a trained DAEScorer written by :meth:`save` (no pickle: safetensors + JSON)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config_path, weights_path = directory / "config.json", directory / "model.safetensors"
+        if not config_path.is_file() or not weights_path.is_file():
+            raise FileNotFoundError(f"DAEScorer.load: expected {config_path} and {weights_path}")
+        payload = json.loads(config_path.read_text())
+        if payload.get("format") != FORMAT or payload.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{config_path}: expected format {FORMAT!r} version {FORMAT_VERSION}, "
+                             f"got {payload.get('format')!r} version {payload.get('format_version')!r}")
+        params = {k: (tuple(v) if isinstance(v, list) else v) for k, v in payload["params"].items()}
+        scorer = cls(**params, device=device)
+        model = scorer.build_model()
+        model.load_state_dict(load_file(str(weights_path)))
+        scorer.model_ = model.to(device).eval()
+        scorer.training_ = payload.get("training")
+        return scorer

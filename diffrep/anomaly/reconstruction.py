@@ -1,0 +1,189 @@
+"""Reconstruction-based anomaly scoring with a pretrained diffusion U-Net (partial diffusion).
+
+Noise the image to timestep L with q(x_L | x_0) (Ho et al. 2020, eq. 4), reverse the chain with the
+U-Net, and score the residual between input and reconstruction: healthy anatomy is restored, lesions
+are replaced by healthy-looking tissue and light up in the residual.
+
+- ``reverse="ddpm"``: ancestral DDPM steps t = L, L-1, ..., 0 (Ho et al. 2020, Alg. 2: posterior mean
+  of eq. 7 with x0 from eq. 15, i.e. eq. 11, plus fixed_small variance beta~_t; no noise at t = 0),
+  AnoDDPM's partial diffusion (Wyatt et al. 2022). With simplex noise the ancestral noise of every
+  step is simplex too, as in AnoDDPM.
+- ``reverse="ddim"``: k deterministic DDIM steps (Song et al. 2021, eq. 12 with eta = 0) at k
+  timesteps evenly spaced in [0, L] (from L down to 0); the last step goes to clean data
+  (alpha_bar = 1, MONAI's ``set_alpha_to_one``).
+- ``reverse="x0"``: one U-Net call and its x0 prediction (eq. 15), the single-step pDDPM/cDDPM
+  recipe (Behrendt et al. 2023).
+
+Timesteps count from 0 (least noise) as in MONAI, so a chain from x_L down to data visits the L + 1
+timesteps L..0: ``reverse="ddpm"`` costs L + 1 U-Net calls (AnoDDPM's ``t_distance=L`` equals
+``noise_level=L-1`` here), and ``reverse="ddim"`` with ``ddim_steps=L+1`` visits the same timesteps.
+
+Noise is shared: one seeded draw per call (and per DDPM step) is used for every image of the batch,
+as AnoDDPM does, so an image's map depends only on the image, the settings and the seed, never on
+the batch it came in. Same seed, same maps.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..backbones.backbone import Backbone
+from .base import AnomalyScorer, check_choice, check_positive_int
+
+REVERSE_MODES = ("ddpm", "ddim", "x0")
+NOISE_KINDS = ("gaussian", "simplex")
+RESIDUALS = ("l1", "l2")
+
+
+# ------------------------------------------------------------------ the update rules
+def _abar(alphas_cumprod: torch.Tensor, t: int) -> float:
+    """alpha_bar_t as a Python float; alpha_bar_{-1} = 1 (clean data)."""
+    return 1.0 if t < 0 else float(alphas_cumprod[t])
+
+
+def ddpm_posterior_mean(alphas_cumprod: torch.Tensor, x_t: torch.Tensor, x0_hat: torch.Tensor, t: int) -> torch.Tensor:
+    """Mean of q(x_{t-1} | x_t, x0_hat) (Ho et al. 2020, eq. 7); with x0_hat from eq. 15 this is eq. 11.
+
+    mu = sqrt(abar_{t-1}) beta_t / (1 - abar_t) * x0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) * x_t,
+    with alpha_t = abar_t / abar_{t-1}, beta_t = 1 - alpha_t and abar_{-1} = 1.
+    """
+    abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t - 1)
+    alpha_t = abar_t / abar_prev
+    beta_t = 1.0 - alpha_t
+    return (abar_prev ** 0.5 * beta_t / (1.0 - abar_t)) * x0_hat + (alpha_t ** 0.5 * (1.0 - abar_prev) / (1.0 - abar_t)) * x_t
+
+
+def ddpm_posterior_variance(alphas_cumprod: torch.Tensor, t: int) -> float:
+    """fixed_small variance beta~_t = (1 - abar_{t-1}) / (1 - abar_t) * beta_t (Ho et al. 2020, eq. 7)."""
+    abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t - 1)
+    return (1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev)
+
+
+def ddim_step(alphas_cumprod: torch.Tensor, x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int,
+              clip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One deterministic DDIM step t -> t_prev (Song et al. 2021, eq. 12, eta = 0); t_prev < 0 = clean data.
+
+    x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (clipped to [-1, 1] if ``clip``);
+    x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps. Returns ``(x_prev, x0)``.
+    """
+    abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
+    x0 = (x_t - (1.0 - abar_t) ** 0.5 * eps) / abar_t ** 0.5
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+    return abar_prev ** 0.5 * x0 + (1.0 - abar_prev) ** 0.5 * eps, x0
+
+
+def draw_noise(kind: str, shape: tuple[int, ...], generator: torch.Generator,
+               options: dict[str, Any] | None = None) -> torch.Tensor:
+    """Seeded noise on the CPU: ``"gaussian"`` (torch.randn) or ``"simplex"`` (diffrep.noise.make_noise)."""
+    if kind == "gaussian":
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
+    from ..noise import make_noise  # lazy: simplex noise lives in diffrep.noise
+
+    return make_noise(kind, shape, generator=generator, **(options or {})).float()
+
+
+def ddim_timesteps(noise_level: int, steps: int) -> list[int]:
+    """The ``steps`` timesteps evenly spaced from ``noise_level`` down to 0 (rounded, distinct)."""
+    return [int(t) for t in np.linspace(noise_level, 0, steps).round().astype(int)]
+
+
+# ------------------------------------------------------------------------ the scorer
+class ReconstructionScorer(AnomalyScorer):
+    """Partial-diffusion reconstruction scorer (AnoDDPM / pDDPM / DDIM family); see the module docstring.
+
+    Args:
+        backbone: the pretrained denoising U-Net.
+        noise_level: the timestep L (0..T-1) the input is noised to.
+        noise: ``"gaussian"`` or ``"simplex"`` (AnoDDPM; ``noise_options`` go to ``make_noise``).
+        reverse: ``"ddpm"`` (L + 1 calls), ``"ddim"`` (``ddim_steps`` calls) or ``"x0"`` (1 call).
+        ddim_steps: k, number of DDIM steps (1..L+1).
+        residual: ``"l1"`` (|x - x^|) or ``"l2"`` ((x - x^)^2), in the data range, averaged over channels.
+        erode, median, top_fraction: post-processing and image score (see AnomalyScorer).
+        seed: seed of every noise draw. batch_size: images per U-Net forward.
+        clip: clip x0 predictions to the model range [-1, 1] (as MONAI's ``clip_sample``).
+    """
+
+    def __init__(self, backbone: Backbone, noise_level: int = 250, noise: str = "gaussian", reverse: str = "x0",
+                 ddim_steps: int = 5, residual: str = "l1", erode: int = 0, median: int = 0,
+                 top_fraction: float = 0.01, seed: int = 0, batch_size: int = 32, clip: bool = True,
+                 noise_options: dict[str, Any] | None = None) -> None:
+        self.backbone = backbone
+        self.noise_level = noise_level
+        self.noise = noise
+        self.reverse = reverse
+        self.ddim_steps = ddim_steps
+        self.residual = residual
+        self.erode = erode
+        self.median = median
+        self.top_fraction = top_fraction
+        self.seed = seed
+        self.batch_size = batch_size
+        self.clip = clip
+        self.noise_options = noise_options
+
+    def _validate(self) -> None:
+        super()._validate()
+        check_choice(self.reverse, "reverse", REVERSE_MODES)
+        check_choice(self.noise, "noise", NOISE_KINDS)
+        check_choice(self.residual, "residual", RESIDUALS)
+        self.backbone.check_timesteps([self.noise_level])
+        if self.reverse == "ddim":
+            check_positive_int(self.ddim_steps, "ddim_steps")
+            if self.ddim_steps > self.noise_level + 1:
+                raise ValueError(f"ddim_steps: expected at most noise_level + 1 = {self.noise_level + 1} "
+                                 f"distinct timesteps in [0, {self.noise_level}], got {self.ddim_steps}")
+        check_positive_int(self.seed, "seed", minimum=0)
+        if self.noise_options is not None and not isinstance(self.noise_options, dict):
+            raise TypeError(f"noise_options: expected a dict or None, got {type(self.noise_options).__name__}")
+
+    @property
+    def unet_calls_per_image(self) -> int:
+        """L + 1 for ddpm (timesteps L..0), k for ddim, 1 for x0."""
+        self._validate()
+        return {"ddpm": int(self.noise_level) + 1, "ddim": int(self.ddim_steps), "x0": 1}[self.reverse]
+
+    def reconstruct(self, images: Any) -> np.ndarray:
+        """Reconstructions in the data range, (N, C, *spatial) float32."""
+        self._validate()
+        x = self._check_images(images)
+        parts = [self._reconstruct(x[i:i + self.batch_size]).cpu().numpy() for i in range(0, x.shape[0], self.batch_size)]
+        return np.concatenate(parts).astype(np.float32, copy=False)
+
+    @torch.inference_mode()
+    def _raw_maps(self, images: torch.Tensor) -> torch.Tensor:
+        diff = images.to(self.backbone.device) - self._reconstruct(images)
+        return (diff.abs() if self.residual == "l1" else diff.square()).mean(dim=1)
+
+    @torch.inference_mode()
+    def _reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        bb, device = self.backbone, self.backbone.device
+        x0 = bb.to_model_range(images.to(device))
+        n, shared = x0.shape[0], (1, *x0.shape[1:])
+        generator = torch.Generator(device="cpu").manual_seed(int(self.seed))
+
+        def noise() -> torch.Tensor:
+            return draw_noise(self.noise, shared, generator, self.noise_options).to(device).expand_as(x0)
+
+        def t_batch(t: int) -> torch.Tensor:
+            return torch.full((n,), t, device=device, dtype=torch.long)
+
+        level = int(self.noise_level)
+        x = bb.add_noise(x0, noise(), t_batch(level))
+        ac = bb.alphas_cumprod
+        if self.reverse == "x0":
+            x = bb.predict_x0(x, bb(x, t_batch(level)), t_batch(level))
+            x = x.clamp(-1.0, 1.0) if self.clip else x
+        elif self.reverse == "ddim":
+            steps = ddim_timesteps(level, int(self.ddim_steps))
+            for t, t_prev in zip(steps, steps[1:] + [-1]):
+                x, _ = ddim_step(ac, x, bb(x, t_batch(t)), t, t_prev, clip=self.clip)
+        else:
+            for t in range(level, -1, -1):
+                x0_hat = bb.predict_x0(x, bb(x, t_batch(t)), t_batch(t))
+                x0_hat = x0_hat.clamp(-1.0, 1.0) if self.clip else x0_hat
+                mean = ddpm_posterior_mean(ac, x, x0_hat, t)
+                x = mean + ddpm_posterior_variance(ac, t) ** 0.5 * noise() if t > 0 else mean
+        return bb.to_data_range(x).float()
