@@ -62,6 +62,16 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_monai(args: argparse.Namespace) -> int:
+    from .backbones import import_monai_state_dict, save_backbone
+    from .config import load_yaml
+
+    backbone = import_monai_state_dict(args.state_dict, load_yaml(args.arch))
+    out = save_backbone(backbone, args.out)
+    print(f"imported {args.state_dict} -> {out} ({backbone.num_parameters():,} parameters, nodes {backbone.node_names})")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import print_summary, run_demo
 
@@ -96,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory (default runs/NAME)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("import-monai", help="turn a MONAI DiffusionModelUNet state dict into a diffrep checkpoint")
+    p.add_argument("state_dict", help="file written by torch.save(unet.state_dict(), path)")
+    p.add_argument("--arch", required=True, help="YAML with unet: (DiffusionModelUNet args), optional schedule:, normalisation:")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.set_defaults(func=_cmd_import_monai)
 
     p = sub.add_parser("demo", help="features of held-out brain MRI slices from the shipped default")
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")

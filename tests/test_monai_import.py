@@ -1,0 +1,71 @@
+"""Importing other users' MONAI DiffusionModelUNets: live modules and state-dict files."""
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.networks.nets import DiffusionModelUNet
+
+from diffrep.backbones import CheckpointError
+from diffrep.backbones.monai_import import from_monai_unet, import_monai_state_dict, infer_unet_config
+
+ARCH = dict(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 16), attention_levels=(False, True),
+            num_res_blocks=1, norm_num_groups=8, num_head_channels=8)
+
+
+def _user_unet(**overrides) -> DiffusionModelUNet:
+    torch.manual_seed(3)
+    unet = DiffusionModelUNet(**{**ARCH, **overrides})
+    with torch.no_grad():  # MONAI zero-initialises the output conv; make outputs informative
+        for p in unet.out.parameters():
+            p.normal_(0, 0.1)
+    return unet.eval()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"spatial_dims": 3}, {"resblock_updown": True}])
+def test_wrapped_unet_gives_the_same_outputs(overrides):
+    unet = _user_unet(**overrides)
+    backbone = from_monai_unet(unet)
+    spatial = (8, 8, 8) if overrides.get("spatial_dims") == 3 else (8, 8)
+    x, t = torch.randn(2, 1, *spatial), torch.tensor([5, 700])
+    with torch.no_grad():
+        assert torch.equal(unet(x, t), backbone(x, t))
+    assert infer_unet_config(unet).resblock_updown == overrides.get("resblock_updown", False)
+
+
+def test_import_state_dict_file(tmp_path):
+    unet = _user_unet()
+    torch.save(unet.state_dict(), tmp_path / "unet.pt")
+    backbone = import_monai_state_dict(tmp_path / "unet.pt", {"unet": dict(ARCH), "schedule": {"schedule": "cosine"}})
+    x, t = torch.randn(1, 1, 8, 8), torch.tensor([10])
+    with torch.no_grad():
+        assert torch.equal(unet(x, t), backbone(x, t))
+    assert backbone.config.schedule.schedule == "cosine"
+
+
+def test_import_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        import_monai_state_dict(tmp_path / "none.pt", {"unet": dict(ARCH)})
+    torch.save(_user_unet().state_dict(), tmp_path / "unet.pt")
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        import_monai_state_dict(tmp_path / "unet.pt", {"unet": {**ARCH, "channels": (8, 24)}})
+    with pytest.raises(ValueError, match="unknown key"):
+        import_monai_state_dict(tmp_path / "unet.pt", {"unet": dict(ARCH), "sched": {}})
+    with pytest.raises(TypeError, match="DiffusionModelUNet"):
+        from_monai_unet(torch.nn.Linear(2, 2))
+
+
+def test_import_cli(tmp_path):
+    import yaml
+
+    from diffrep import load_backbone
+    from diffrep.cli import main
+
+    unet = _user_unet()
+    torch.save(unet.state_dict(), tmp_path / "unet.pt")
+    arch = {"unet": {k: list(v) if isinstance(v, tuple) else v for k, v in ARCH.items()}}
+    (tmp_path / "arch.yaml").write_text(yaml.safe_dump(arch))
+    assert main(["import-monai", str(tmp_path / "unet.pt"), "--arch", str(tmp_path / "arch.yaml"),
+                 "--out", str(tmp_path / "ckpt")]) == 0
+    x, t = torch.randn(1, 1, 8, 8), torch.tensor([3])
+    with torch.no_grad():
+        assert torch.equal(load_backbone(tmp_path / "ckpt")(x, t), unet(x, t))
