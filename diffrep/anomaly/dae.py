@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -164,7 +163,7 @@ class DAEScorer(AnomalyScorer):
         ``model.safetensors`` (weights) to ``directory``, each atomically."""
         from safetensors.torch import save_file
 
-        from ..backbones.checkpoint import atomic_write_bytes
+        from .._atomic import atomic_path, atomic_write_bytes
 
         if not hasattr(self, "model_"):
             raise ValueError("DAEScorer.save: expected a trained scorer (call fit first), got an untrained one")
@@ -174,14 +173,8 @@ class DAEScorer(AnomalyScorer):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.model_.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".model.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(directory / "model.safetensors") as tmp:
             save_file(state, tmp, metadata={"format": FORMAT})
-            os.replace(tmp, directory / "model.safetensors")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         atomic_write_bytes(directory / "config.json", (json.dumps(self._config(), indent=2) + "\n").encode())
         return directory
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .._atomic import atomic_path, atomic_write_bytes
 from ..config import from_dict, to_dict
 from .backbone import Backbone
 from .config import BackboneConfig
@@ -28,20 +28,6 @@ class CheckpointError(ValueError):
     """A checkpoint directory is missing, corrupt, or its config and weights disagree."""
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_backbone(backbone: Backbone, directory: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Path:
     """Save ``backbone`` as ``directory/config.json`` + ``directory/model.safetensors`` (atomic writes)."""
     directory = Path(directory)
@@ -50,14 +36,8 @@ def save_backbone(backbone: Backbone, directory: str | os.PathLike, *, dtype: to
              for k, v in backbone.unet.state_dict().items()}
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "weights_dtype": str(dtype).removeprefix("torch."),
                **to_dict(backbone.config)}
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".model.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file(state, tmp, metadata={"format": FORMAT})
-        os.replace(tmp, directory / WEIGHTS_NAME)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
     return directory
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from .._atomic import atomic_path
 from ..backbones.backbone import Backbone
 from .extractor import FeatureDict, FeatureExtractor
 
@@ -64,13 +64,6 @@ def save_features(features: FeatureDict, out: str | os.PathLike, backbone_name: 
     out = Path(out)
     if out.suffix != ".safetensors":
         out = out.with_name(out.name + ".safetensors")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         save_file(tensors, tmp, metadata={"diffrep": json.dumps(metadata)})
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out

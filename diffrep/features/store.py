@@ -10,14 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..backbones.checkpoint import atomic_write_bytes
+from .._atomic import atomic_path, atomic_write_bytes
 
 MANIFEST = "manifest.json"
 
@@ -71,15 +70,8 @@ class FeatureStore:
 
     def write(self, chunk_id: int, tensors: Mapping[str, torch.Tensor]) -> None:
         """Atomically write one chunk (temporary name, then rename)."""
-        target = self._chunk_path(chunk_id)
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{target.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(self._chunk_path(chunk_id)) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     def read(self, chunk_id: int) -> dict[str, torch.Tensor]:
         if not self.has(chunk_id):

@@ -68,18 +68,16 @@ def build_training_data(config: DataConfig, seed: int) -> TrainingData:
 
         train = load_brain_split("train", size=config.size, volumes=config.path)
         val = load_brain_split("val", size=config.size, volumes=config.path)
-        augment = None
-        if config.augment:
-            def augment(images: torch.Tensor, masks: torch.Tensor, batch_seed: int) -> torch.Tensor:
-                transform = brain_augmentation(batch_seed % (2**31))
-                labels = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.long)
-                out, _, _ = augment_batch(transform, images, masks, labels)
-                return out
+        def augment_images(images: torch.Tensor, masks: torch.Tensor, batch_seed: int) -> torch.Tensor:
+            transform = brain_augmentation(batch_seed % (2**31))
+            labels = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.long)
+            out, _, _ = augment_batch(transform, images, masks, labels)
+            return out
         return TrainingData(
             images=torch.as_tensor(train.images).float(),
             heldout=torch.as_tensor(val.images).float(),
             masks=torch.as_tensor(train.masks).float(),
-            augment=augment,
+            augment=augment_images if config.augment else None,
             description={"dataset": "mni152-2009a-axial", "size": config.size, "train_slices": len(train),
                          "heldout": f"val split ({len(val)} slices)", "augment": config.augment,
                          "source": str(train.source) if hasattr(train, "source") else None},

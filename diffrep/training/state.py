@@ -4,27 +4,20 @@ Written atomically (temporary name, then rename) and read back with ``weights_on
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .._atomic import atomic_path
 
 STATE_NAME = "train_state.pt"
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
     """Atomically write ``state`` (tensors, dicts, numbers and strings only) to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_state(path: Path) -> dict[str, Any]:
