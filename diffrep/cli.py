@@ -118,8 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     from .anomaly.volume import add_anomaly_cli
+    from .probe_cli import add_probe_cli
+    from .segment_cli import add_segment_cli
 
     add_anomaly_cli(sub)
+    add_probe_cli(sub)
+    add_segment_cli(sub)
 
     p = sub.add_parser("zoo", help="list the shipped pretrained defaults")
     p.add_argument("--json", action="store_true")

@@ -287,3 +287,12 @@ def test_dae_trains_and_round_trips(tmp_path):
     DAEScorer(**kw).fit(x, masks, steps=1, batch_size=2, progress=False, augment=brain_augment(prob=1.0))
     with pytest.raises(NotFittedError):
         DAEScorer(**kw).score(x)
+
+
+def test_multilevel_raw_maps_equal_unprocessed_score():
+    from diffrep.anomaly import MultiLevelScorer
+
+    backbone = live_backbone()
+    images = make_images(backbone, n=2)
+    scorer = MultiLevelScorer(backbone, levels=(100, 300), normalise=None)
+    np.testing.assert_allclose(scorer.raw_maps(images), scorer.score(images).maps, rtol=1e-6)

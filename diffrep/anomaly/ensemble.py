@@ -122,13 +122,17 @@ class MultiLevelScorer(AnomalyScorer):
 
     def score(self, images: Any, masks: Any = None) -> AnomalyResult:
         """Combined maps (N, *spatial) and image scores (N,); see the class docstring."""
+        x = self._current_members()[0]._check_images(images)
+        return self._finish(self.raw_maps(x), check_masks(masks, tuple(x.shape)))
+
+    def raw_maps(self, images: Any) -> np.ndarray:
+        """The combined (normalised) maps before masking and filtering, (N, *spatial) float32."""
         self._validate()
         if self.normalise == "healthy" and not hasattr(self, "members_"):
             raise NotFittedError("MultiLevelScorer with normalise='healthy' must be fitted on healthy images "
                                  "first (call fit(healthy_images, masks)), or use normalise=None")
         members = self._current_members()
         x = members[0]._check_images(images)
-        m = check_masks(masks, tuple(x.shape))
         raws = np.stack([member.raw_maps(x) for member in members])  # (levels, N, *spatial)
         if self.normalise == "healthy":
             shape = (-1,) + (1,) * (raws.ndim - 1)
@@ -137,4 +141,4 @@ class MultiLevelScorer(AnomalyScorer):
             combined = z.mean(0) - floor.mean() if self.combine == "mean" else z.max(0) - floor.max()
         else:
             combined = raws.mean(0) if self.combine == "mean" else raws.max(0)
-        return self._finish(combined.astype(np.float32), m)
+        return combined.astype(np.float32)

@@ -1,0 +1,323 @@
+"""Fashion-MNIST classification: a linear probe on frozen diffusion features, with controls side by side.
+
+Protocol (DDAE-style linear probe, Xiang et al. ICCV 2023, with the search kept off the test set):
+- a stratified validation split (10%) is carved from the 60k training images; every (node, t) of the
+  grid and a few concatenations are scored there (the grid fits on a ``--grid-fit`` subset of the rest);
+- the chosen single key and the chosen concatenation are refitted on all 60k and scored on the 10k
+  test images; nothing else is ever scored on test;
+- controls with the same LinearProbe: raw pixels, and a randomly initialised U-Net of the same
+  architecture with the same extractor, search and head;
+- supervised reference: a narrow timm ResNet (resnet10t, channels 32-256) trained from scratch on the
+  same labels;
+- label efficiency: 10 and 100 labels per class from the fit part, mean +- std over 3 seeds, for
+  diffrep and both controls, with the (node, t) chosen at full labels.
+
+Writes ``classification_fmnist.json`` and ``classification_fmnist_heatmap.png`` (``_quick`` variants
+with ``--quick``) to ``--out``. Features are cached (``--cache-dir``), so a rerun only refits heads.
+
+    python benchmarks/classification.py [--backbone fmnist-ddpm] [--quick] [--threads 2] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS_DIR, Stopwatch, finish_metadata, mean_std, run_metadata, write_json  # noqa: E402
+
+from diffrep import load_backbone  # noqa: E402
+from diffrep.backbones import Backbone  # noqa: E402
+from diffrep.data.fashion_mnist import load_fashion_mnist, to_tensor_images  # noqa: E402
+from diffrep.features.cache import DEFAULT_CACHE_DIR, backbone_identity  # noqa: E402
+from diffrep.heads import LinearProbe, key_name, sample_per_class, stack_features  # noqa: E402
+from diffrep.probe_cli import DEFAULT_TIMESTEPS, ProbeRun, load_probe_dataset, run_probe  # noqa: E402
+
+ANCHORS = {  # published Fashion-MNIST test accuracies to read our numbers against (not measured here)
+    "logistic regression, raw pixels": 0.84,
+    "RBF SVC, raw pixels": 0.897,
+    "2-layer CNN": "0.91-0.92",
+}
+TARGETS = {"full_labels_test_acc_min": 0.92, "labels10_gain_over_raw_pixels_min": 0.10}
+QUICK = {"limit_train": 2000, "limit_test": 1000, "grid_fit": 1000, "val_fraction": 0.2, "timesteps": [1, 50],
+         "cnn_epochs": 1, "chunk_size": 500}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="fmnist-ddpm", help="checkpoint directory or shipped default name")
+    p.add_argument("--quick", action="store_true", help=f"small subsets for a smoke run: {QUICK}")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
+    p.add_argument("--out", default=str(RESULTS_DIR))
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0, help="noise, validation split and CNN seed")
+    p.add_argument("--random-init-seed", type=int, default=None, help="seed of the random-init U-Net (default --seed)")
+    p.add_argument("--timesteps", nargs="+", type=int, default=None, help=f"grid (default {list(DEFAULT_TIMESTEPS)})")
+    p.add_argument("--nodes", nargs="+", default=None, help="grid nodes (default: all)")
+    p.add_argument("--noise", default="shared")
+    p.add_argument("--val-fraction", type=float, default=None, help="default 0.1")
+    p.add_argument("--grid-fit", type=int, default=None, help="fit images used to score the grid (default 10000)")
+    p.add_argument("--labels-per-class", nargs="+", type=int, default=[10, 100])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="label-subset seeds")
+    p.add_argument("--C", type=float, default=1.0)
+    p.add_argument("--max-iter", type=int, default=1000)
+    p.add_argument("--cnn-epochs", type=int, default=None, help="default 5")
+    p.add_argument("--skip-cnn", action="store_true")
+    p.add_argument("--limit-train", type=int, default=None)
+    p.add_argument("--limit-test", type=int, default=None)
+    p.add_argument("--chunk-size", type=int, default=None, help="images per cache chunk (default 1000)")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per U-Net forward")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    defaults = {"grid_fit": 10000, "val_fraction": 0.1, "timesteps": list(DEFAULT_TIMESTEPS), "cnn_epochs": 5,
+                "chunk_size": 1000, "limit_train": None, "limit_test": None}
+    for name, default in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, QUICK.get(name, default) if args.quick else default)
+    return args
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _row(method: str, keys: Any, backbone: Backbone | None, labels_per_class: int | None, accs: list[float],
+         seeds: list[int], n_train: int, **extra: Any) -> dict:
+    if keys is None:
+        node, timestep, level, key = None, None, None, None
+    else:
+        node = "+".join(k.node for k in keys)
+        ts = [k.timestep for k in keys]
+        levels = [round(backbone.noise_level(t), 6) for t in ts]
+        timestep, level = (ts[0], levels[0]) if len(ts) == 1 else (ts, levels)
+        key = key_name(keys)
+    stats = mean_std(accs)
+    return {"method": method, "key": key, "node": node, "timestep": timestep, "noise_level": level,
+            "labels_per_class": labels_per_class, "n_train": n_train, "test_acc_mean": stats["mean"],
+            "test_acc_std": stats["std"], "test_accs": stats["values"], "seeds": seeds, **extra}
+
+
+def fit_score(X: np.ndarray, y: np.ndarray, Xt: np.ndarray, yt: np.ndarray, probe: LinearProbe) -> float:
+    from sklearn.base import clone
+
+    return float(clone(probe).fit(X, y).score(Xt, yt))
+
+
+def train_cnn(x: torch.Tensor, y: np.ndarray, xt: torch.Tensor, yt: np.ndarray, *, epochs: int, seed: int,
+              batch_size: int = 128, lr: float = 2e-3, weight_decay: float = 0.05, progress: bool = True) -> dict:
+    """A narrow timm ResNet (resnet10t, channels 32/64/128/256) trained from scratch with AdamW + cosine LR."""
+    import timm
+    from torch.nn import functional as F
+
+    torch.manual_seed(seed)
+    model = timm.create_model("resnet10t", num_classes=int(y.max()) + 1, in_chans=1, pretrained=False,
+                              channels=(32, 64, 128, 256))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * -(-len(y) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    yy = torch.from_numpy(y)
+    gen = torch.Generator().manual_seed(seed)
+    norm = lambda a: (a - 0.5) / 0.5  # noqa: E731
+    iterator = range(epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc="supervised CNN", unit="epoch", leave=False)
+    model.train()
+    for _ in iterator:
+        perm = torch.randperm(len(y), generator=gen)
+        for start in range(0, len(y), batch_size):
+            idx = perm[start:start + batch_size]
+            loss = F.cross_entropy(model(norm(x[idx])), yy[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    with torch.inference_mode():
+        pred = torch.cat([model(norm(xt[i:i + 512])).argmax(1) for i in range(0, len(yt), 512)])
+    return {"test_acc": float((pred.numpy() == yt).mean()), "params": sum(p.numel() for p in model.parameters()),
+            "model": "timm resnet10t, channels (32, 64, 128, 256), from scratch", "epochs": epochs,
+            "batch_size": batch_size, "optimiser": f"AdamW lr {lr} wd {weight_decay}, one-cycle cosine",
+            "final_train_loss": float(loss.item())}
+
+
+def heatmap(runs: dict[str, ProbeRun], nodes: list[str], timesteps: list[int], backbone: Backbone, path: Path,
+            title: str) -> None:
+    """Validation accuracy over nodes x timesteps, one panel per backbone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(1.3 * len(timesteps) * len(runs) + 2, 0.55 * len(nodes) + 2),
+                             squeeze=False)
+    values = {}
+    for name, run in runs.items():
+        grid = np.full((len(nodes), len(timesteps)), np.nan)
+        for row in run.report["selection_table"]:
+            if row["kind"] == "single":
+                grid[nodes.index(row["nodes"][0]), timesteps.index(row["timesteps"][0])] = row["val_acc"]
+        values[name] = grid
+    vmin = np.nanmin([np.nanmin(g) for g in values.values()])
+    vmax = np.nanmax([np.nanmax(g) for g in values.values()])
+    for ax, (name, grid) in zip(axes[0], values.items()):
+        im = ax.imshow(grid, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+        best = np.unravel_index(np.nanargmax(grid), grid.shape)
+        for (i, j), v in np.ndenumerate(grid):
+            ax.text(j, i, f"{100 * v:.1f}", ha="center", va="center", fontsize=8,
+                    color="black" if v > (vmin + vmax) / 2 else "white",
+                    fontweight="bold" if (i, j) == best else "normal")
+        ax.set_xticks(range(len(timesteps)),
+                      [f"t={t}\n\u03c3={backbone.noise_level(t):.3f}" for t in timesteps], fontsize=8)
+        ax.set_yticks(range(len(nodes)), nodes if ax is axes[0][0] else [])
+        ax.set_title(name, fontsize=10)
+    fig.colorbar(im, ax=axes[0].tolist(), label="validation accuracy")
+    fig.suptitle(title, fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    config = {k: v for k, v in vars(args).items()}
+    meta = run_metadata(config, args.seed)
+    if argv is not None:  # called as a function: record the arguments it was given, not the host's argv
+        meta["command"] = " ".join(["benchmarks/classification.py", *(shlex.quote(str(a)) for a in argv)])
+    watch = Stopwatch()
+    progress = not args.quiet
+    suffix = "_quick" if args.quick else ""
+    out = Path(args.out)
+
+    backbone = load_backbone(args.backbone)
+    nodes = backbone.check_nodes(args.nodes or backbone.node_names)
+    xtr, ytr, xte, yte, data_info = load_probe_dataset("fmnist", backbone, args.limit_train, args.limit_test)
+    probe = LinearProbe(C=args.C, max_iter=args.max_iter)
+    common = dict(nodes=nodes, timesteps=args.timesteps, noise=args.noise, seed=args.seed,
+                  val_fraction=args.val_fraction, grid_fit=args.grid_fit, cache_dir=args.cache_dir,
+                  dataset_id=f"fmnist:{data_info['n_train']}/{data_info['n_test']}", chunk_size=args.chunk_size,
+                  batch_size=args.batch_size, probe=probe, progress=progress)
+
+    init_seed = args.seed if args.random_init_seed is None else args.random_init_seed
+    torch.manual_seed(init_seed)
+    random_config = copy.deepcopy(backbone.config)
+    random_config.provenance = {"note": f"random initialisation (torch.manual_seed({init_seed})), same architecture"}
+    random_backbone = Backbone(random_config)
+    if backbone_identity(random_backbone) == backbone_identity(backbone):
+        raise ValueError(f"the random-init control (torch.manual_seed({init_seed})) has exactly the weights of "
+                         f"{args.backbone!r}: that backbone is untrained; pass --random-init-seed with another seed")
+
+    with watch("diffrep: features + selection + full-label probes"):
+        run = run_probe(backbone, xtr, ytr, xte, yte, **common)
+    with watch("random U-Net: features + selection + full-label probes"):
+        rrun = run_probe(random_backbone, xtr, ytr, xte, yte, **common)
+
+    raw_train = xtr.flatten(1).numpy()
+    raw_test = xte.flatten(1).numpy()
+    n_full = int(run.train_idx.size)
+    rows = []
+    for name, r, rb in (("diffrep", run, backbone), ("control: random-init U-Net", rrun, random_backbone)):
+        for kind, label in (("single", "best (node, t)"), ("concat", "best concatenation")):
+            if kind in r.report["choices"]:
+                c = r.report["choices"][kind]
+                keys = r.selection.best_single if kind == "single" else r.selection.best_concat
+                rows.append(_row(f"{name}: {label}", keys, rb, None, [c["test_acc"]], [args.seed], n_full,
+                                 val_acc=c["val_acc"], validation_winner=r.report["best"] == kind))
+    with watch("raw pixels: full-label probe"):
+        acc = fit_score(raw_train[run.train_idx], ytr[run.train_idx], raw_test, yte, probe)
+    rows.append(_row("control: raw pixels", None, None, None, [acc], [args.seed], n_full))
+
+    cnn = None
+    if not args.skip_cnn:
+        with watch("supervised CNN"):
+            # the CNN sees the unpadded 28x28 images in [0, 1]
+            train_u8 = load_fashion_mnist("train")[0][:data_info["n_train"]]
+            test_u8 = load_fashion_mnist("test")[0][:data_info["n_test"]]
+            cnn = train_cnn(to_tensor_images(train_u8[run.train_idx]), ytr[run.train_idx], to_tensor_images(test_u8),
+                            yte, epochs=args.cnn_epochs, seed=args.seed, progress=progress)
+        rows.append(_row("reference: supervised CNN (end to end)", None, None, None, [cnn["test_acc"]], [args.seed],
+                         n_full, details=cnn))
+
+    # label efficiency: K labels per class from the fit part (never from validation), several seeds
+    with watch("label efficiency"):
+        methods = {"diffrep: validation winner": (run, run.selection.best, backbone),
+                   "diffrep: best (node, t)": (run, run.selection.best_single, backbone)}
+        if run.selection.best_concat is not None:
+            methods["diffrep: best concatenation"] = (run, run.selection.best_concat, backbone)
+        methods["control: raw pixels"] = (None, None, None)
+        methods["control: random-init U-Net, validation winner"] = (rrun, rrun.selection.best, random_backbone)
+        for k in args.labels_per_class:
+            accs: dict[str, list[float]] = {m: [] for m in methods}
+            for s in args.seeds:
+                idx = run.fit_idx[sample_per_class(ytr[run.fit_idx], k, s)]
+                for m, (r, keys, _) in methods.items():
+                    if r is None:
+                        accs[m].append(fit_score(raw_train[idx], ytr[idx], raw_test, yte, probe))
+                    else:
+                        accs[m].append(fit_score(stack_features(r.features_train, keys, rows=r.position[idx]), ytr[idx],
+                                                 stack_features(r.features_test, keys), yte, probe))
+            for m, (r, keys, rb) in methods.items():
+                rows.append(_row(m, keys, rb, k, accs[m], list(args.seeds), k * len(np.unique(ytr))))
+
+    heat_path = out / f"classification_fmnist{suffix}_heatmap.png"
+    heatmap({"diffrep (pretrained)": run, "random-init U-Net (control)": rrun}, nodes, list(args.timesteps), backbone,
+            heat_path, f"Fashion-MNIST linear probe: validation accuracy (fit {run.report['n_grid_fit']}, "
+                       f"val {run.report['n_val']}), noise {args.noise}, seed {args.seed}")
+
+    def mean_of(method: str, k: int | None) -> float | None:
+        hit = [r["test_acc_mean"] for r in rows if r["method"] == method and r["labels_per_class"] == k]
+        return hit[0] if hit else None
+
+    full = run.report["test_acc"]
+    gain = None
+    if 10 in args.labels_per_class:
+        gain = mean_of("diffrep: validation winner", 10) - mean_of("control: raw pixels", 10)
+    targets = {**TARGETS, "full_labels_test_acc": full, "labels10_gain_over_raw_pixels": gain,
+               "met": bool(full >= TARGETS["full_labels_test_acc_min"] and gain is not None
+                           and gain >= TARGETS["labels10_gain_over_raw_pixels_min"]),
+               "measured_on": ("the validation winner (single or concatenation) of the pretrained backbone; "
+                               "gain in accuracy points / 100, mean over seeds")}
+    if args.quick:
+        targets["note"] = "quick run on subsets: not evidence for or against the targets"
+    payload = {
+        **finish_metadata(meta, watch),
+        "quick": args.quick,
+        "backbone": {"name": str(args.backbone), "identity": run.report["backbone_identity"],
+                     "provenance": backbone.config.provenance,
+                     "nodes": [{"name": i.name, "channels": i.channels, "stride": i.stride}
+                               for i in backbone.feature_info()]},
+        "random_control": {"identity": rrun.report["backbone_identity"], "init_seed": init_seed},
+        "data": data_info,
+        "protocol": {"validation": f"stratified {args.val_fraction:.0%} of the training images, seed {args.seed}",
+                     "grid_fit": run.report["n_grid_fit"], "full_label_refit": "fit + validation",
+                     "label_efficiency": ("K per class from the fit part; (node, t) chosen at full labels on the "
+                                          "validation split; seeds vary the labelled subset"),
+                     "probe": run.report["probe"], "noise": args.noise, "pooling": "global average",
+                     "feature_dtype": "float16 cache, float32 fit"},
+        "rows": rows,
+        "selection_table": [{"backbone": "diffrep", **r} for r in run.report["selection_table"]]
+                           + [{"backbone": "random-init U-Net", **r} for r in rrun.report["selection_table"]],
+        "anchors": ANCHORS,
+        "targets": targets,
+        "heatmap": heat_path.name,
+    }
+    path = write_json(payload, out / f"classification_fmnist{suffix}.json")
+    if progress:
+        print(f"{'method':<48} {'K':>5} {'key':<24} {'test acc':>14}")
+        for r in rows:
+            acc = f"{r['test_acc_mean']:.4f}" + (f" +- {r['test_acc_std']:.4f}" if len(r["seeds"]) > 1 else "")
+            print(f"{r['method']:<48} {str(r['labels_per_class'] or 'all'):>5} {str(r['key'] or '-'):<24} {acc:>14}")
+        print(f"targets met: {targets['met']}  (wall {payload['wall_seconds']} s)  wrote {path} and {heat_path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

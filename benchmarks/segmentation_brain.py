@@ -1,0 +1,462 @@
+"""Brain tissue segmentation from few labelled slices: diffusion pixel features + a pixel MLP ensemble.
+
+Task: 64x64 axial MNI152 slices (diffrep.data.brain), labels 0 background, 1 CSF, 2 GM, 3 WM. The
+head is trained on N in {1, 5, 10} labelled slices of the train range and scored on the test range
+(optionally plus seeded augmented copies, ``--test-augment``). Which slices are labelled depends on
+the seed (nested: the N=1 slice is among the N=5, those among the N=10), 3 seeds.
+
+Rows (same N, same slices, same test set):
+- diffrep: ``--backbone`` (brain-ddpm) features + PixelClassifier (Baranchuk et al., ICLR 2022:
+  shared seeded noise, blocks bilinearly upsampled and concatenated, an ensemble of MLPs
+  d -> 128 -> 32 -> C, majority vote). Nodes and timesteps are chosen on the val slices: every
+  (node set, timestep set) of a small grid is fitted on the seed-0 N=5 slices and scored by val
+  mIoU; the best is then fixed for every N and seed. Test labels are never used to choose.
+- control: a randomly initialised U-Net of the same architecture and the same head, its nodes and
+  timesteps chosen by the same procedure on the same grid (its own best, so the comparison is fair).
+- supervised: MONAI BasicUNet trained end to end on the N slices with joint augmentation
+  (diffrep.data.augment), Dice + cross-entropy, a fixed number of steps.
+- trivial: intensity + pixel coordinates (3 features) into the same head.
+
+Metrics: IoU and Dice per class from the confusion matrix pooled over all test pixels, mIoU over the 4
+classes (as ddpm-segmentation) and over the 3 tissues; mean +- std over seeds.
+
+Memory: the diffrep pipeline (descriptors streamed to a float16 PixelStore, training from a fixed pixel
+budget, streaming prediction) against the reference approach (every training descriptor in one float32
+RAM tensor, then the permute/reshape copy), same head, same pixel sample, each in a fresh process, on
+a larger training set (all 93 train slices plus 3 augmented copies of each: 372 images, ``--memory-augment``).
+Peak RSS (VmHWM) is read inside the
+process after a warm-up pass; the ratio is taken over the peak above the RSS at the reset (the memory
+the work needs); total peak RSS (interpreter, torch and MONAI included) is reported beside it.
+
+    python benchmarks/segmentation_brain.py [--backbone brain-ddpm] [--quick] [--threads 1] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS_DIR, Stopwatch, finish_metadata, mean_std, run_metadata, write_json  # noqa: E402
+from memory import PeakMeter, report, run_measured  # noqa: E402
+
+from diffrep import FeatureExtractor, FeatureKey, load_backbone, upsample_concat  # noqa: E402
+from diffrep.backbones import Backbone, BackboneConfig, UNetConfig  # noqa: E402
+from diffrep.data.augment import augment_batch, brain_augmentation  # noqa: E402
+from diffrep.data.brain import LABEL_NAMES, NUM_CLASSES, BrainSlices, load_brain_split  # noqa: E402
+from diffrep.features.pixel_store import ArrayPixels, backbone_digest, build_pixel_store  # noqa: E402
+from diffrep.heads import PixelClassifier, segmentation_metrics  # noqa: E402
+
+NODE_SETS = {
+    "decoder5": ["mid", "up.0", "up.1", "up.2", "up.3"],  # the paper reads five decoder blocks
+    "decoder-late": ["up.2", "up.3"],
+    "encoder4": ["down.0", "down.1", "down.2", "down.3"],
+    "all9": ["down.0", "down.1", "down.2", "down.3", "mid", "up.0", "up.1", "up.2", "up.3"],
+}
+TIMESTEP_SETS = {"t50-150-250": [50, 150, 250], "t10-50-100": [10, 50, 100], "t10": [10], "t0": [0]}
+SELECT_N = 5
+TARGETS = {"n5_gain_over_control_points": 3.0, "n5_gain_over_supervised_points": 3.0,
+           "memory_ratio_min": 10.0, "equal_miou_tolerance_points": 1.0}
+FULL = {"ns": [1, 5, 10], "seeds": [0, 1, 2], "members": 10, "epochs": 10, "batch_size": 64, "max_pixels": 50_000,
+        "grid_nodes": list(NODE_SETS), "grid_timesteps": list(TIMESTEP_SETS), "sup_steps": 400, "sup_batch": 8,
+        "val_limit": None, "test_limit": None, "memory_augment": 3, "memory_limit": None}
+QUICK = {"ns": [1, 5], "seeds": [0], "members": 3, "epochs": 2, "batch_size": 64, "max_pixels": 4000,
+         "grid_nodes": ["decoder5", "encoder4"], "grid_timesteps": ["t50-150-250", "t10"], "sup_steps": 20,
+         "sup_batch": 4, "val_limit": 4, "test_limit": 6, "memory_augment": 0, "memory_limit": 16}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="brain-ddpm",
+                   help="checkpoint directory, shipped default name, or 'random-brain' (untrained, smoke runs)")
+    p.add_argument("--quick", action="store_true", help=f"tiny smoke run: {QUICK}")
+    p.add_argument("--out", default=str(RESULTS_DIR))
+    p.add_argument("--cache-dir", default=".cache/pixel-stores", help="PixelStore root (reruns resume)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="noise seed of the feature extractor")
+    p.add_argument("--test-augment", type=int, default=0, help="augmented copies of each test slice to add")
+    p.add_argument("--skip-memory", action="store_true")
+    for name in FULL:
+        kind = type(FULL[name]) if FULL[name] is not None else int
+        if isinstance(FULL[name], list):
+            p.add_argument(f"--{name.replace('_', '-')}", nargs="+", type=type(FULL[name][0]), default=None)
+        else:
+            p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None)
+    p.add_argument("--memory-worker", choices=("diffrep", "naive"), help=argparse.SUPPRESS)
+    p.add_argument("--worker-config", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    for name, default in FULL.items():
+        if getattr(args, name) is None:
+            setattr(args, name, QUICK[name] if args.quick else default)
+    return args
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def brain_config() -> BackboneConfig:
+    return BackboneConfig(unet=UNetConfig(channels=(16, 32, 64, 64), attention_levels=(False, False, False, True),
+                                          norm_num_groups=8, num_head_channels=32))
+
+
+def get_backbone(spec: str) -> Backbone:
+    if spec == "random-brain":
+        torch.manual_seed(1234)
+        config = brain_config()
+        config.provenance = {"note": "random initialisation (torch.manual_seed(1234)); smoke runs only"}
+        return Backbone(config)
+    return load_backbone(spec)
+
+
+def random_control(backbone: Backbone, seed: int = 0) -> Backbone:
+    torch.manual_seed(seed)
+    config = copy.deepcopy(backbone.config)
+    config.provenance = {"note": f"random initialisation (torch.manual_seed({seed})), same architecture"}
+    return Backbone(config)
+
+
+def make_head(args: argparse.Namespace, seed: int) -> PixelClassifier:
+    return PixelClassifier(num_classes=NUM_CLASSES, n_members=args.members, epochs=args.epochs,
+                           batch_size=args.batch_size, max_pixels_in_memory=args.max_pixels, random_state=seed)
+
+
+def scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
+    m = segmentation_metrics(pred, truth, NUM_CLASSES)
+    m["miou_tissue"] = float(np.nanmean(m["iou"][1:]))
+    m.pop("confusion")
+    return m
+
+
+def labelled_indices(seed: int, n: int, n_train: int) -> list[int]:
+    """The N labelled train slices of a seed; nested over N (the first N of one seeded permutation)."""
+    return np.random.default_rng(seed).permutation(n_train)[:n].tolist()
+
+
+def augmented(data: BrainSlices, copies: int, seed: int) -> BrainSlices:
+    if copies <= 0:
+        return data
+    parts = [data.to_tensors()]
+    for c in range(copies):
+        parts.append(augment_batch(brain_augmentation(seed + c), data.images, data.masks, data.labels))
+    x, m, y = (torch.cat([p[i] for p in parts]).numpy() for i in range(3))
+    idx = np.concatenate([data.slice_index] * (copies + 1))
+    return BrainSlices(x, m, y, idx, np.concatenate([data.volume_id] * (copies + 1)), dict(data.source))
+
+
+def pixel_store(backbone: Backbone, nodes: list[str], timesteps: list[int], images: np.ndarray, labels: np.ndarray,
+                args: argparse.Namespace, root: str | Path | None = None):
+    extractor = FeatureExtractor(backbone, nodes, timesteps, noise="shared", seed=args.seed,
+                                 batch_size=8 * len(timesteps), dtype=torch.float16)
+    return build_pixel_store(root or args.cache_dir, extractor, torch.from_numpy(images), torch.from_numpy(labels),
+                             num_classes=NUM_CLASSES, batch_size=8)
+
+
+def trivial_descriptors(images: np.ndarray) -> torch.Tensor:
+    """Intensity and normalised (row, column) coordinates: (N, 3, H, W)."""
+    n, _, h, w = images.shape
+    rows = torch.linspace(0, 1, h).view(1, 1, h, 1).expand(n, 1, h, w)
+    cols = torch.linspace(0, 1, w).view(1, 1, 1, w).expand(n, 1, h, w)
+    return torch.cat([torch.from_numpy(images), rows, cols], dim=1).contiguous()
+
+
+def train_supervised(data: BrainSlices, test_images: np.ndarray, *, steps: int, batch: int, seed: int) -> np.ndarray:
+    """MONAI BasicUNet (features 16-16-32-64-128-16) trained end to end with augmentation; test label maps."""
+    from monai.losses import DiceCELoss
+    from monai.networks.nets import BasicUNet
+
+    torch.manual_seed(seed)
+    net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=NUM_CLASSES, features=(16, 16, 32, 64, 128, 16))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    transform = brain_augmentation(seed)
+    rng = np.random.default_rng(seed)
+    net.train()
+    for _ in range(steps):
+        idx = rng.integers(0, len(data), size=batch)
+        x, _, y = augment_batch(transform, data.images[idx], data.masks[idx], data.labels[idx])
+        loss = loss_fn(net(x), y[:, None])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    net.eval()
+    with torch.inference_mode():
+        return torch.cat([net(torch.from_numpy(test_images[i:i + 16])).argmax(1)
+                          for i in range(0, len(test_images), 16)]).numpy()
+
+
+def summarise(method: str, n: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"method": method, "n_labelled": n, "seeds": [r["seed"] for r in runs],
+            "miou": mean_std([100 * r["miou"] for r in runs]),
+            "miou_tissue": mean_std([100 * r["miou_tissue"] for r in runs]),
+            "mdice": mean_std([100 * r["mdice"] for r in runs]),
+            "iou": {name: mean_std([100 * r["iou"][c] for r in runs]) for c, name in enumerate(LABEL_NAMES)},
+            "dice": {name: mean_std([100 * r["dice"][c] for r in runs]) for c, name in enumerate(LABEL_NAMES)},
+            "runs": runs}
+
+
+# ----------------------------------------------------------------------------------------- selection
+def select_config(name: str, backbone: Backbone, train: BrainSlices, val: BrainSlices,
+                  args: argparse.Namespace) -> dict:
+    """Grid over node sets x timestep sets, fitted on the seed-0 N=5 slices, scored by val mIoU."""
+    idx = labelled_indices(args.seeds[0], SELECT_N, len(train))
+    grid = []
+    for nodes_name in args.grid_nodes:
+        for ts_name in args.grid_timesteps:
+            nodes, ts = NODE_SETS[nodes_name], TIMESTEP_SETS[ts_name]
+            tr = pixel_store(backbone, nodes, ts, train.images[idx], train.labels[idx], args)
+            va = pixel_store(backbone, nodes, ts, val.images, val.labels, args)
+            clf = make_head(args, args.seeds[0]).fit(tr)
+            m = scores(clf.predict(va), val.labels)
+            grid.append({"nodes": nodes_name, "timesteps": ts, "num_features": tr.num_features,
+                         "val_miou": 100 * m["miou"], "val_miou_tissue": 100 * m["miou_tissue"]})
+            print(f"  {name}: {nodes_name:12s} t={ts}: val mIoU {100 * m['miou']:.1f}", flush=True)
+    best = max(grid, key=lambda g: g["val_miou"])
+    return {"procedure": f"each (node set, timestep set) fitted on the N={SELECT_N} labelled slices of seed "
+                         f"{args.seeds[0]} and scored by mIoU on the val slices; the best is fixed for all N and seeds",
+            "grid": grid, "chosen": {"nodes": NODE_SETS[best["nodes"]], "node_set": best["nodes"],
+                                     "timesteps": best["timesteps"], "val_miou": best["val_miou"]}}
+
+
+# -------------------------------------------------------------------------------------------- memory
+def run_pipeline(mode: str, backbone: Backbone, nodes: list[str], ts: list[int], train: BrainSlices,
+                 test: BrainSlices, args: argparse.Namespace, root: str) -> tuple[np.ndarray, PixelClassifier]:
+    """Features, head fit and test prediction; ``diffrep`` streams through PixelStores, ``naive`` holds
+    every training descriptor in one float32 RAM tensor as ddpm-segmentation's prepare_data does."""
+    clf = make_head(args, 0)
+    if mode == "diffrep":
+        clf.fit(pixel_store(backbone, nodes, ts, train.images, train.labels, args, root=root))
+        return clf.predict(pixel_store(backbone, nodes, ts, test.images, test.labels, args, root=root)), clf
+    keys = [FeatureKey(n, t) for n in nodes for t in ts]
+    size = tuple(train.images.shape[2:])
+    # node maps in float16 as in the diffrep pipeline, so both train on identical pixel values
+    extractor = FeatureExtractor(backbone, nodes, ts, seed=args.seed, batch_size=8 * len(ts), dtype=torch.float16)
+    d = sum(extractor.feature_info[k.node].channels for k in keys)
+    x = torch.zeros(len(train), d, *size)  # X = torch.zeros(N, d, H, W), float32
+    for sl, feats in extractor.iter_batches(torch.from_numpy(train.images)):
+        x[sl] = upsample_concat(feats, size, keys)
+    flat = x.permute(1, 0, 2, 3).reshape(d, -1).permute(1, 0)  # (pixels, d): a full copy, as the reference
+    del x
+    y = torch.from_numpy(train.labels).reshape(1, 1, -1)
+    clf.fit(ArrayPixels(flat.T[None, :, None, :], y))  # views of the one RAM tensor, same pixel order
+    xt = upsample_concat(extractor(torch.from_numpy(test.images)), size, keys)
+    return clf.predict(xt), clf
+
+
+def memory_worker(mode: str, config: dict[str, Any]) -> None:
+    """Run one pipeline in this fresh process and report its peak RSS and test mIoU.
+
+    A warm-up pass on 2 training images and 1 test image first loads every code page and lazy import,
+    then the peak is reset: what is measured is the memory the work itself needs.
+    """
+    torch.set_num_threads(config["threads"])
+    args = argparse.Namespace(**config["args"])
+    backbone = get_backbone(config["backbone"])
+    data = np.load(config["data"])
+
+    def slices(prefix: str) -> BrainSlices:
+        images, labels = data[f"{prefix}_images"], data[f"{prefix}_labels"]
+        n = len(labels)
+        return BrainSlices(images, images > 0, labels, np.arange(n), np.zeros(n, np.int64))
+
+    train, test = slices("train"), slices("test")
+    nodes, ts = config["nodes"], config["timesteps"]
+    tmp = tempfile.mkdtemp(prefix="segmem-")
+    try:
+        run_pipeline(mode, backbone, nodes, ts, train.subset([0, 1]), test.subset([0]), args, tmp + "/warm")
+        with PeakMeter() as meter:
+            pred, clf = run_pipeline(mode, backbone, nodes, ts, train, test, args, tmp + "/run")
+        m = scores(pred, test.labels)
+        report({"mode": mode, **meter.result(), "miou": 100 * m["miou"], "n_train_images": len(train),
+                "num_features": int(clf.n_features_in_), "image_size": list(train.images.shape[2:])})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure_memory(args: argparse.Namespace, chosen: dict[str, Any], train: BrainSlices, test: BrainSlices
+                   ) -> dict[str, Any]:
+    """Both pipelines on the same larger training set (train slices + augmented copies), fresh processes."""
+    if args.memory_limit and args.memory_limit < len(train):
+        train = train.subset(np.linspace(0, len(train) - 1, args.memory_limit).round().astype(int))
+    train = augmented(train, args.memory_augment, seed=100)
+    tmp = Path(tempfile.mkdtemp(prefix="segmem-data-"))
+    np.savez(tmp / "data.npz", train_images=train.images, train_labels=train.labels, test_images=test.images,
+             test_labels=test.labels)
+    worker_args = {k: getattr(args, k) for k in ("members", "epochs", "batch_size", "max_pixels", "seed", "cache_dir")}
+    config = {"threads": args.threads, "backbone": args.backbone, "nodes": chosen["nodes"],
+              "timesteps": chosen["timesteps"], "data": str(tmp / "data.npz"), "args": worker_args}
+    runs = {}
+    for mode in ("diffrep", "naive"):
+        print(f"  memory: {mode} pipeline in a fresh process", flush=True)
+        runs[mode] = run_measured([__file__, "--memory-worker", mode, "--worker-config", json.dumps(config)])
+    shutil.rmtree(tmp, ignore_errors=True)
+    d, n = runs["diffrep"], runs["naive"]
+    return {"procedure": "each pipeline (features, head fit, test prediction) in a fresh process; after imports, "
+                         "data loading and a warm-up pass on 2 images, VmHWM is reset; work peak = peak RSS - the "
+                         "RSS at that reset. Same head and seed: both draw the identical pixel sample in the same "
+                         "order each epoch, so they differ only in storage (and float16 test descriptors)",
+            "runs": runs, "work_peak_ratio": n["work_peak_mb"] / max(d["work_peak_mb"], 1e-6),
+            "total_peak_ratio": n["peak_rss_mb"] / max(d["peak_rss_mb"], 1e-6),
+            "miou_difference_points": abs(d["miou"] - n["miou"]), "n_train_images": len(train),
+            "config": {k: v for k, v in config.items() if k != "data"}}
+
+
+# ---------------------------------------------------------------------------------------------- figure
+def overlays(path: Path, images: np.ndarray, truth: np.ndarray, pred: np.ndarray, unc: np.ndarray,
+             slices: np.ndarray, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = min(4, len(images))
+    pick = np.linspace(0, len(images) - 1, rows).round().astype(int)
+    fig, axes = plt.subplots(rows, 4, figsize=(8, 2.1 * rows), squeeze=False)
+    for r, i in enumerate(pick):
+        panels = [(images[i, 0], "gray", (0, 1), f"image z={slices[i]}"), (truth[i], "viridis", (0, 3), "truth"),
+                  (pred[i], "viridis", (0, 3), "prediction"), (unc[i], "magma", (0, None), "uncertainty")]
+        for c, (arr, cmap, (lo, hi), name) in enumerate(panels):
+            axes[r, c].imshow(arr, cmap=cmap, vmin=lo, vmax=hi if hi is not None else max(float(unc.max()), 1e-6))
+            axes[r, c].set_title(name, fontsize=8)
+            axes[r, c].axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_worker:
+        memory_worker(args.memory_worker, json.loads(args.worker_config))
+        return {}
+    config = {k: v for k, v in vars(args).items() if k not in ("memory_worker", "worker_config")}
+    meta = run_metadata(config, args.seed)
+    watch = Stopwatch()
+    suffix = "_quick" if args.quick else ""
+    out = Path(args.out)
+
+    backbone = get_backbone(args.backbone)
+    control = random_control(backbone)
+    train, val, test = (load_brain_split(s) for s in ("train", "val", "test"))
+    if args.val_limit:
+        val = val.subset(np.linspace(0, len(val) - 1, args.val_limit).round().astype(int))
+    if args.test_limit:
+        test = test.subset(np.linspace(0, len(test) - 1, args.test_limit).round().astype(int))
+    test = augmented(test, args.test_augment, seed=10_000)
+    labelled = {s: {n: labelled_indices(s, n, len(train)) for n in args.ns} for s in args.seeds}
+
+    print("selecting nodes and timesteps on val", flush=True)
+    selection = {}
+    for name, bb in (("diffrep", backbone), ("control", control)):
+        with watch(f"{name}: selection (val grid)"):
+            selection[name] = select_config(name, bb, train, val, args)
+    chosen = selection["diffrep"]["chosen"]
+
+    union = sorted({i for per in labelled.values() for idx in per.values() for i in idx})
+    position = {i: p for p, i in enumerate(union)}
+    rows, overlay = [], None
+    for method, bb, key in (("diffrep", backbone, "diffrep"), ("control: random-init U-Net", control, "control")):
+        nodes, ts = selection[key]["chosen"]["nodes"], selection[key]["chosen"]["timesteps"]
+        with watch(f"{method}: features"):
+            tr_store = pixel_store(bb, nodes, ts, train.images[union], train.labels[union], args)
+            te_store = pixel_store(bb, nodes, ts, test.images, test.labels, args)
+        for n in args.ns:
+            runs = []
+            for s in args.seeds:
+                with watch(f"{method}: heads"):
+                    clf = make_head(args, s).fit(tr_store.subset([position[i] for i in labelled[s][n]]))
+                    pred, unc = clf.predict_with_uncertainty(te_store)
+                runs.append({"seed": s, "slices": train.slice_index[labelled[s][n]].tolist(), **scores(pred, test.labels)})
+                if method == "diffrep" and overlay is None and n == min(args.ns, key=lambda k: abs(k - SELECT_N)):
+                    overlay = (pred, unc, n, s)
+            rows.append({**summarise(method, n, runs), "nodes": nodes, "timesteps": ts})
+            print(f"  {method:28s} N={n:2d}: mIoU {rows[-1]['miou']['mean']:.1f} +- {rows[-1]['miou']['std']:.1f}",
+                  flush=True)
+
+    xt = trivial_descriptors(test.images)
+    for method in ("supervised: BasicUNet end to end", "trivial: intensity + coordinates"):
+        for n in args.ns:
+            runs = []
+            for s in args.seeds:
+                idx = labelled[s][n]
+                with watch(method):
+                    if method.startswith("supervised"):
+                        pred = train_supervised(train.subset(idx), test.images, steps=args.sup_steps,
+                                                batch=args.sup_batch, seed=s)
+                    else:
+                        clf = make_head(args, s).fit(trivial_descriptors(train.images[idx]), train.labels[idx])
+                        pred = clf.predict(xt)
+                runs.append({"seed": s, "slices": train.slice_index[idx].tolist(), **scores(pred, test.labels)})
+            rows.append(summarise(method, n, runs))
+            print(f"  {method:28s} N={n:2d}: mIoU {rows[-1]['miou']['mean']:.1f} +- {rows[-1]['miou']['std']:.1f}",
+                  flush=True)
+
+    figure = None
+    if overlay is not None:
+        pred, unc, n, s = overlay
+        figure = overlays(out / f"segmentation_brain_overlays{suffix}.png", test.images, test.labels, pred, unc,
+                          test.slice_index, f"diffrep ({args.backbone}), N={n} labelled slices, seed {s}; "
+                                            f"uncertainty = vote entropy of {args.members} MLPs")
+    memory = None
+    if not args.skip_memory:
+        with watch("memory comparison"):
+            memory = measure_memory(args, chosen, train, test)
+
+    def mean_of(method: str, n: int) -> float | None:
+        hits = [r["miou"]["mean"] for r in rows if r["method"] == method and r["n_labelled"] == n]
+        return hits[0] if hits else None
+
+    d5, c5, s5 = (mean_of(m, SELECT_N) for m in ("diffrep", "control: random-init U-Net",
+                                                 "supervised: BasicUNet end to end"))
+    targets = []
+    if d5 is not None:
+        targets += [{"name": "N=5: diffrep mIoU - control mIoU (points)", "threshold": TARGETS["n5_gain_over_control_points"],
+                     "value": d5 - c5, "met": d5 - c5 >= TARGETS["n5_gain_over_control_points"]},
+                    {"name": "N=5: diffrep mIoU - supervised U-Net mIoU (points)",
+                     "threshold": TARGETS["n5_gain_over_supervised_points"], "value": d5 - s5,
+                     "met": d5 - s5 >= TARGETS["n5_gain_over_supervised_points"]}]
+    if memory is not None:
+        equal = memory["miou_difference_points"] <= TARGETS["equal_miou_tolerance_points"]
+        targets.append({"name": "peak memory (work peak RSS) naive / diffrep at equal mIoU",
+                        "threshold": TARGETS["memory_ratio_min"], "value": memory["work_peak_ratio"],
+                        "equal_miou": equal, "met": equal and memory["work_peak_ratio"] >= TARGETS["memory_ratio_min"]})
+    meaningful = not args.quick and args.backbone != "random-brain"
+    for target in targets:
+        target["meaningful"] = meaningful  # quick runs and untrained backbones only smoke-test the pipeline
+    payload = {**meta, "task": "brain tissue segmentation, 64x64 axial MNI152 slices",
+               "protocol": __doc__.split("\n\n")[1:5],
+               "backbone": {"spec": args.backbone, "identity": backbone_digest(backbone),
+                            "provenance": backbone.config.provenance,
+                            "noise_levels": {str(t): backbone.noise_level(t) for t in sorted(
+                                {t for ts in TIMESTEP_SETS.values() for t in ts})}},
+               "data": {"labels": list(LABEL_NAMES), "n_train_slices": len(train), "n_val_slices": len(val),
+                        "n_test": len(test), "test_augment": args.test_augment,
+                        "test_slices": test.slice_index.tolist(),
+                        "labelled_slices": {str(s): {str(n): train.slice_index[i].tolist() for n, i in per.items()}
+                                            for s, per in labelled.items()}},
+               "selection": selection, "rows": rows, "memory": memory, "targets": targets,
+               "figures": {"overlays": str(figure) if figure else None},
+               "notes": [note for note in (
+                   "the control's nodes/timesteps are its own val selection on the same grid",
+                   "quick mode: tiny subsets and heads, numbers are a smoke test only" if args.quick else "",
+                   "random-brain backbone: untrained, targets not meaningful" if args.backbone == "random-brain" else "",
+               ) if note]}
+    payload = {**payload, **finish_metadata(meta, watch)}
+    path = write_json(payload, out / f"segmentation_brain{suffix}.json")
+    print(f"wrote {path} in {watch.total()} s")
+    for t in targets:
+        print(f"  target {t['name']}: {t['value']:.2f} (>= {t['threshold']}) met={t['met']}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Pooled features computed once and reused: on disk, fp16, keyed so a stale cache is never read.
+
+:func:`cached_pooled_features` keeps one :class:`~diffrep.features.store.FeatureStore` per timestep
+(every requested node in it), holding globally average-pooled vectors (the DDAE linear-probe
+features) chunk by chunk. The store's fingerprint holds the checkpoint identity (a digest of the
+architecture, schedule, normalisation and every weight), the nodes, the timestep, the noise policy,
+the seed, the dataset name, size and content digest, the chunk size and the storage dtype; change any
+of them and a different directory is used. Each chunk is written atomically, so an interrupted fill
+keeps every finished chunk and the next call computes only the missing ones.
+
+``count`` asks for the first ``count`` images only and computes only the chunks they need; a later
+call with a larger ``count`` (or none) continues from there. Put the images you need first in the
+order (e.g. validation, then a grid-search subset, then the rest) to search on a subset and reuse the
+same cache for the full run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from .._types import FeatureKey
+from ..backbones.backbone import Backbone
+from ..config import to_dict
+from .extractor import FeatureExtractor
+from .noise_policy import NoisePolicy
+from .store import FeatureStore
+
+CACHE_FORMAT = 1
+DEFAULT_CACHE_DIR = ".cache/features"
+_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def backbone_identity(backbone: Backbone) -> str:
+    """A digest of a backbone's config (architecture, schedule, normalisation) and every weight.
+
+    Works for in-memory backbones as well as loaded checkpoints; two backbones with the same
+    identity compute the same features.
+    """
+    digest = hashlib.sha256()
+    config = to_dict(backbone.config)
+    config.pop("provenance", None)  # provenance describes training, not the function computed
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(backbone.unet.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def images_digest(images: torch.Tensor) -> str:
+    """A digest of an image batch's shape, dtype and values (so different data never share a cache)."""
+    t = images.detach().to("cpu").contiguous()
+    digest = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}".encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()[:16]
+
+
+def _extract_pooled(extractor: FeatureExtractor, images: torch.Tensor) -> dict[FeatureKey, torch.Tensor]:
+    """Global-average-pooled features of one chunk of images: {FeatureKey: (n, C) float32}."""
+    features = extractor(images)
+    return {key: value.float().flatten(2).mean(dim=2) for key, value in features.items()}
+
+
+def _check_positive(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def pooled_store(backbone: Backbone, images: torch.Tensor, nodes: list[str], timestep: int, *, noise: str,
+                 seed: int, cache_dir: str | os.PathLike, dataset_id: str, chunk_size: int, dtype: str,
+                 identity: str | None = None, digest: str | None = None) -> FeatureStore:
+    """The FeatureStore holding pooled features of ``images`` at one timestep (created if absent)."""
+    fingerprint = {
+        "kind": "pooled-gap", "format": CACHE_FORMAT,
+        "checkpoint": identity or backbone_identity(backbone),
+        "nodes": list(nodes), "timestep": int(timestep), "noise": str(NoisePolicy.parse(noise)), "seed": int(seed),
+        "dataset": str(dataset_id), "num_images": int(images.shape[0]),
+        "images": digest or images_digest(images), "chunk_size": int(chunk_size), "dtype": dtype,
+    }
+    return FeatureStore(cache_dir, fingerprint)
+
+
+def cached_pooled_features(backbone: Backbone, images: Any, nodes: Iterable[str] | None = None,
+                           timesteps: Iterable[int] | int = (11,), *, noise: str = "shared", seed: int = 0,
+                           cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, dataset_id: str = "unnamed",
+                           count: int | None = None, chunk_size: int = 1000, batch_size: int = 64,
+                           dtype: str = "float16", progress: bool = True) -> dict[FeatureKey, np.ndarray]:
+    """Pooled features ``{FeatureKey(node, t): (count, C) array}`` of the first ``count`` images, via the cache.
+
+    Args:
+        backbone: the U-Net (a loaded checkpoint or an in-memory model; both are identified by weights).
+        images: (N, C, H, W) float images in the backbone's data range; N fixes the cache key.
+        nodes: node names (default: every node of the backbone).
+        timesteps: one or more timesteps; each gets its own store.
+        noise, seed: the extraction noise policy and its seed (see FeatureExtractor).
+        cache_dir: root of all stores.
+        dataset_id: a readable name for the data (its content digest is part of the key anyway).
+        count: return (and compute) only the first ``count`` images (default: all).
+        chunk_size: images per stored chunk (the unit of resumption).
+        batch_size: rows per U-Net forward.
+        dtype: ``"float16"`` (default; halves disk and memory) or ``"float32"``.
+        progress: tqdm bars per timestep.
+
+    The arrays are returned in ``dtype``; cast to float32 before fitting (``stack_features`` does).
+    """
+    images = backbone.check_images(images)
+    nodes = backbone.check_nodes(backbone.node_names if nodes is None else nodes)
+    if len(set(nodes)) != len(nodes):
+        raise ValueError(f"nodes: expected distinct names, got {nodes}")
+    timesteps = backbone.check_timesteps(timesteps)
+    NoisePolicy.parse(noise)
+    chunk_size = _check_positive(chunk_size, "chunk_size")
+    _check_positive(batch_size, "batch_size")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
+    n = images.shape[0]
+    count = n if count is None else _check_positive(count, "count")
+    if count > n:
+        raise ValueError(f"count: expected at most the {n} images given, got {count}")
+    num_chunks = -(-count // chunk_size)
+    identity, digest = backbone_identity(backbone), images_digest(images)
+    out: dict[FeatureKey, np.ndarray] = {}
+    for t in timesteps:
+        store = pooled_store(backbone, images, nodes, t, noise=noise, seed=seed, cache_dir=cache_dir,
+                             dataset_id=dataset_id, chunk_size=chunk_size, dtype=dtype,
+                             identity=identity, digest=digest)
+        extractor = FeatureExtractor(backbone, nodes, [t], noise=noise, seed=seed, batch_size=batch_size,
+                                     dtype=torch.float32)
+
+        def compute(i: int, extractor: FeatureExtractor = extractor) -> dict[str, torch.Tensor]:
+            pooled = _extract_pooled(extractor, images[i * chunk_size:(i + 1) * chunk_size])
+            return {key.node: value.to(_DTYPES[dtype]) for key, value in pooled.items()}
+
+        missing = sum(not store.has(i) for i in range(num_chunks))
+        bar = None
+        if progress and missing:
+            from tqdm.auto import tqdm
+
+            bar = lambda it, m=missing, t=t: tqdm(it, total=m, desc=f"features t={t}", unit="chunk", leave=False)  # noqa: E731
+        store.fill(num_chunks, compute, progress=bar)
+        chunks = [store.read(i) for i in range(num_chunks)]
+        for node in nodes:
+            out[FeatureKey(node, t)] = torch.cat([c[node] for c in chunks])[:count].numpy()
+    return out
