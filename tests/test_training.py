@@ -97,3 +97,30 @@ def test_torchrun_two_cpu_processes_matches_single_process(tmp_path):
         torch.testing.assert_close(ddp["model"][k], single["model"][k], rtol=1e-4, atol=1e-5)
     log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4]
+
+
+def _real_data_recipe(dataset: str) -> TrainConfig:
+    from diffrep.backbones import UNetConfig
+
+    unet = UNetConfig(channels=(8, 16), attention_levels=(False, False), norm_num_groups=8, num_head_channels=8)
+    return TrainConfig(name=f"tiny-{dataset}", data=DataConfig(dataset=dataset, size=32, augment=True, heldout_size=8),
+                       backbone=BackboneConfig(unet=unet), optim=OptimConfig(batch_size=4, warmup_steps=1),
+                       max_steps=2, checkpoint_every=1, log_every=1, sample_steps=2, eval_timesteps=(10,))
+
+
+@pytest.mark.parametrize("dataset", ["fmnist", "brain"])
+def test_trains_end_to_end_on_the_real_datasets(dataset, tmp_path):
+    if dataset == "fmnist":
+        from diffrep.data.fashion_mnist import find_fashion_mnist
+
+        try:
+            find_fashion_mnist()
+        except FileNotFoundError:
+            pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    config = _real_data_recipe(dataset)
+    train(config, tmp_path / "run", max_steps=1, progress=False)
+    export = train(config, tmp_path / "run", resume=True, progress=False)
+    prov = load_backbone(export).config.provenance
+    assert prov["steps"] == 2 and prov["complete"] is True
+    expected = "fashion-mnist" if dataset == "fmnist" else "mni152-2009a-axial"
+    assert prov["data"]["dataset"] == expected
