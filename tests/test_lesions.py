@@ -8,13 +8,6 @@ import torch
 from diffrep.data.lesions import LESION_KINDS, LesionConfig, add_lesions, make_anomaly_test_set
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _discs(n: int = 4, size: int = 32, radius: float = 12.0):
     yy, xx = np.mgrid[:size, :size]

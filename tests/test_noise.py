@@ -7,14 +7,6 @@ import torch
 from diffrep.noise import coarse_noise, gaussian_noise, make_noise, simplex_noise
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small tensors: one thread avoids OpenMP oversubscription when the CPUs are busy.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)

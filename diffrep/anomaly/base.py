@@ -37,11 +37,11 @@ class AnomalyScorer(BaseEstimator):
     @property
     def unet_calls_per_image(self) -> int:
         """Network evaluations spent on one image (slice) with the configured settings (NFE)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define unet_calls_per_image (abstract in AnomalyScorer)")
 
     def _raw_maps(self, images: torch.Tensor) -> torch.Tensor:
         """Unprocessed anomaly maps (n, *spatial) of one validated batch (data range)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define _raw_maps or override raw_maps (abstract in AnomalyScorer)")
 
     def _check_images(self, images: Any) -> torch.Tensor:
         """Validate an image batch; the default asks the scorer's backbone."""
