@@ -296,3 +296,18 @@ def test_multilevel_raw_maps_equal_unprocessed_score():
     images = make_images(backbone, n=2)
     scorer = MultiLevelScorer(backbone, levels=(100, 300), normalise=None)
     np.testing.assert_allclose(scorer.raw_maps(images), scorer.score(images).maps, rtol=1e-6)
+
+
+def test_per_image_noise_depends_only_on_the_image():
+    from diffrep.anomaly.reconstruction import ReconstructionScorer, image_seed
+
+    backbone = live_backbone()
+    a, b = make_images(backbone, n=2)
+    assert image_seed(0, a) == image_seed(0, a.clone()) != image_seed(0, b)
+    assert image_seed(0, a) != image_seed(1, a)
+    scorer = ReconstructionScorer(backbone, noise_level=300, reverse="x0", seed=0)
+    pair = scorer.reconstruct(torch.stack([a, b]))
+    alone = scorer.reconstruct(torch.stack([b, a]))
+    np.testing.assert_allclose(pair[0], alone[1], rtol=1e-5, atol=1e-6)
+    shared = ReconstructionScorer(backbone, noise_level=300, reverse="x0", seed=0, per_image_noise=False)
+    assert not np.allclose(shared.reconstruct(torch.stack([a, b]))[1], pair[1])

@@ -18,12 +18,15 @@ Timesteps count from 0 (least noise) as in MONAI, so a chain from x_L down to da
 timesteps L..0: ``reverse="ddpm"`` costs L + 1 U-Net calls (AnoDDPM's ``t_distance=L`` equals
 ``noise_level=L-1`` here), and ``reverse="ddim"`` with ``ddim_steps=L+1`` visits the same timesteps.
 
-Noise is shared: one seeded draw per call (and per DDPM step) is used for every image of the batch,
-as AnoDDPM does, so an image's map depends only on the image, the settings and the seed, never on
-the batch it came in. Same seed, same maps.
+Noise is seeded per image by default (``per_image_noise=True``): each image's generator is seeded
+from ``seed`` and a hash of the image's values, so every image gets its own draw (no spatial error
+pattern shared by all images) and its map depends only on the image, the settings and the seed,
+never on the batch or position it came in. With ``per_image_noise=False`` one draw per call (and
+per DDPM step) is shared by every image of the batch. Same seed, same maps.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -85,6 +88,12 @@ def draw_noise(kind: str, shape: tuple[int, ...], generator: torch.Generator,
     return make_noise(kind, shape, generator=generator, **(options or {})).float()
 
 
+def image_seed(seed: int, image: torch.Tensor) -> int:
+    """A seed for one image's noise: ``seed`` mixed with a hash of the image's values."""
+    digest = hashlib.sha256(image.detach().float().cpu().numpy().tobytes()).digest()
+    return (int.from_bytes(digest[:8], "little") ^ (seed * 0x9E3779B97F4A7C15)) % (2**63)
+
+
 def ddim_timesteps(noise_level: int, steps: int) -> list[int]:
     """The ``steps`` timesteps evenly spaced from ``noise_level`` down to 0 (rounded, distinct)."""
     return [int(t) for t in np.linspace(noise_level, 0, steps).round().astype(int)]
@@ -109,7 +118,7 @@ class ReconstructionScorer(AnomalyScorer):
     def __init__(self, backbone: Backbone, noise_level: int = 250, noise: str = "gaussian", reverse: str = "x0",
                  ddim_steps: int = 5, residual: str = "l1", erode: int = 0, median: int = 0,
                  top_fraction: float = 0.01, seed: int = 0, batch_size: int = 32, clip: bool = True,
-                 noise_options: dict[str, Any] | None = None) -> None:
+                 noise_options: dict[str, Any] | None = None, per_image_noise: bool = True) -> None:
         self.backbone = backbone
         self.noise_level = noise_level
         self.noise = noise
@@ -123,6 +132,7 @@ class ReconstructionScorer(AnomalyScorer):
         self.batch_size = batch_size
         self.clip = clip
         self.noise_options = noise_options
+        self.per_image_noise = per_image_noise
 
     def _validate(self) -> None:
         super()._validate()
@@ -162,10 +172,14 @@ class ReconstructionScorer(AnomalyScorer):
         bb, device = self.backbone, self.backbone.device
         x0 = bb.to_model_range(images.to(device))
         n, shared = x0.shape[0], (1, *x0.shape[1:])
-        generator = torch.Generator(device="cpu").manual_seed(int(self.seed))
+        if self.per_image_noise:
+            generators = [torch.Generator(device="cpu").manual_seed(image_seed(int(self.seed), img)) for img in images]
+        else:
+            generators = [torch.Generator(device="cpu").manual_seed(int(self.seed))]
 
         def noise() -> torch.Tensor:
-            return draw_noise(self.noise, shared, generator, self.noise_options).to(device).expand_as(x0)
+            draws = [draw_noise(self.noise, shared, g, self.noise_options) for g in generators]
+            return torch.cat(draws).to(device).expand_as(x0)
 
         def t_batch(t: int) -> torch.Tensor:
             return torch.full((n,), t, device=device, dtype=torch.long)
