@@ -7,6 +7,15 @@ import numpy as np
 import torch
 
 
+def as_tensor(x: Any, name: str) -> torch.Tensor:
+    """A numpy array or tensor as a tensor (no copy where possible); anything else is a TypeError."""
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    if isinstance(x, torch.Tensor):
+        return x
+    raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
+
+
 def as_float_images(images: Any, *, in_channels: int, spatial_dims: int, name: str = "images") -> torch.Tensor:
     """Check and convert an image batch to a float32 tensor of shape (N, C, *spatial).
 

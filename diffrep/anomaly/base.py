@@ -10,6 +10,7 @@ does batching, brain-mask handling, erosion, median filtering and image scores.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Sequence
 
 import numpy as np
@@ -20,7 +21,7 @@ from .._types import AnomalyResult
 from .postprocess import check_masks, image_scores, postprocess_maps
 
 
-class AnomalyScorer(BaseEstimator):
+class AnomalyScorer(BaseEstimator, ABC):
     """Base class: ``fit(healthy_images, masks=None) -> self``, ``score(images, masks=None) -> AnomalyResult``.
 
     Subclasses have the attributes ``erode`` (mask erosion in pixels), ``median`` (median filter
@@ -35,13 +36,13 @@ class AnomalyScorer(BaseEstimator):
 
     # ---------------------------------------------------------------- contract
     @property
+    @abstractmethod
     def unet_calls_per_image(self) -> int:
         """Network evaluations spent on one image (slice) with the configured settings (NFE)."""
-        raise NotImplementedError(f"{type(self).__name__} must define unet_calls_per_image (abstract in AnomalyScorer)")
 
+    @abstractmethod
     def _raw_maps(self, images: torch.Tensor) -> torch.Tensor:
         """Unprocessed anomaly maps (n, *spatial) of one validated batch (data range)."""
-        raise NotImplementedError(f"{type(self).__name__} must define _raw_maps or override raw_maps (abstract in AnomalyScorer)")
 
     def _check_images(self, images: Any) -> torch.Tensor:
         """Validate an image batch; the default asks the scorer's backbone."""

@@ -15,7 +15,6 @@ import torch
 from sklearn.exceptions import NotFittedError
 
 from ..backbones.backbone import Backbone
-from .._types import AnomalyResult
 from .base import AnomalyScorer, check_choice
 from .postprocess import check_masks, erode_masks
 
@@ -120,20 +119,12 @@ class MultiLevelScorer(AnomalyScorer):
         self.level_std_ = np.asarray(stds)
         return self
 
-    def score(self, images: Any, masks: Any = None) -> AnomalyResult:
-        """Combined maps (N, *spatial) and image scores (N,); see the class docstring."""
-        x = self._current_members()[0]._check_images(images)
-        return self._finish(self.raw_maps(x), check_masks(masks, tuple(x.shape)))
-
-    def raw_maps(self, images: Any) -> np.ndarray:
-        """The combined (normalised) maps before masking and filtering, (N, *spatial) float32."""
-        self._validate()
+    def _raw_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """The combined (normalised) maps of one batch before masking and filtering."""
         if self.normalise == "healthy" and not hasattr(self, "members_"):
             raise NotFittedError("MultiLevelScorer with normalise='healthy' must be fitted on healthy images "
                                  "first (call fit(healthy_images, masks)), or use normalise=None")
-        members = self._current_members()
-        x = members[0]._check_images(images)
-        raws = np.stack([member.raw_maps(x) for member in members])  # (levels, N, *spatial)
+        raws = np.stack([member.raw_maps(images) for member in self._current_members()])  # (levels, n, *spatial)
         if self.normalise == "healthy":
             shape = (-1,) + (1,) * (raws.ndim - 1)
             mu, sd = self.level_mean_.reshape(shape), self.level_std_.reshape(shape)
@@ -141,4 +132,4 @@ class MultiLevelScorer(AnomalyScorer):
             combined = z.mean(0) - floor.mean() if self.combine == "mean" else z.max(0) - floor.max()
         else:
             combined = raws.mean(0) if self.combine == "mean" else raws.max(0)
-        return combined.astype(np.float32)
+        return torch.from_numpy(combined.astype(np.float32))

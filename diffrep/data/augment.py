@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
+
+from ..errors import as_tensor as _as_tensor
 
 _KEYS = ("image", "mask", "label")
 
@@ -35,14 +36,6 @@ def brain_augmentation(seed: int = 0, prob: float = 0.5) -> Any:
     ])
     transform.set_random_state(seed=seed)
     return transform
-
-
-def _as_tensor(x: Any, name: str) -> torch.Tensor:
-    if isinstance(x, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(x))
-    if isinstance(x, torch.Tensor):
-        return x
-    raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
 
 
 def augment_batch(transform: Any, images: Any, masks: Any, labels: Any,

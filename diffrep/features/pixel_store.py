@@ -24,6 +24,7 @@ from safetensors import safe_open
 from .._types import FeatureKey
 from .aggregate import upsample_concat
 from .store import FeatureStore
+from ..errors import as_tensor as _as_tensor
 
 DESCRIPTOR = "descriptor"
 LABELS = "labels"
@@ -44,14 +45,6 @@ class PixelSource(Protocol):
 
 
 # ---------------------------------------------------------------------------------------- validation
-def _as_tensor(x: Any, name: str) -> torch.Tensor:
-    if isinstance(x, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(x))
-    if isinstance(x, torch.Tensor):
-        return x
-    raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
-
-
 def check_pixel_labels(labels: Any, num_classes: int | None, *, image_shape: Sequence[int] | None = None,
                        num_images: int | None = None, ignore_index: int | None = None,
                        name: str = "labels") -> torch.Tensor:
