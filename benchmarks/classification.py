@@ -61,6 +61,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timesteps", nargs="+", type=int, default=None, help=f"grid (default {list(DEFAULT_TIMESTEPS)})")
     p.add_argument("--nodes", nargs="+", default=None, help="grid nodes (default: all)")
     p.add_argument("--noise", default="shared")
+    p.add_argument("--pool-grid", type=int, default=1,
+                   help="average-pool each node to a G x G grid (1 = global average, the DDAE protocol); "
+                        "G > 1 writes classification_fmnist_gridG.json")
     p.add_argument("--val-fraction", type=float, default=None, help="default 0.1")
     p.add_argument("--grid-fit", type=int, default=None, help="fit images used to score the grid (default 10000)")
     p.add_argument("--labels-per-class", nargs="+", type=int, default=[10, 100])
@@ -194,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         meta["command"] = " ".join(["benchmarks/classification.py", *(shlex.quote(str(a)) for a in argv)])
     watch = Stopwatch()
     progress = not args.quiet
-    suffix = "_quick" if args.quick else ""
+    suffix = ("" if args.pool_grid == 1 else f"_grid{args.pool_grid}") + ("_quick" if args.quick else "")
     out = Path(args.out)
 
     backbone = load_backbone(args.backbone)
@@ -204,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     common = dict(nodes=nodes, timesteps=args.timesteps, noise=args.noise, seed=args.seed,
                   val_fraction=args.val_fraction, grid_fit=args.grid_fit, cache_dir=args.cache_dir,
                   dataset_id=f"fmnist:{data_info['n_train']}/{data_info['n_test']}", chunk_size=args.chunk_size,
-                  batch_size=args.batch_size, probe=probe, progress=progress)
+                  batch_size=args.batch_size, probe=probe, progress=progress, pool_grid=args.pool_grid)
 
     init_seed = args.seed if args.random_init_seed is None else args.random_init_seed
     torch.manual_seed(init_seed)
@@ -300,7 +303,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                      "grid_fit": run.report["n_grid_fit"], "full_label_refit": "fit + validation",
                      "label_efficiency": ("K per class from the fit part; (node, t) chosen at full labels on the "
                                           "validation split; seeds vary the labelled subset"),
-                     "probe": run.report["probe"], "noise": args.noise, "pooling": "global average",
+                     "probe": run.report["probe"], "noise": args.noise,
+                     "pooling": ("global average" if args.pool_grid == 1
+                                 else f"{args.pool_grid}x{args.pool_grid} average grid per node"),
                      "feature_dtype": "float16 cache, float32 fit"},
         "rows": rows,
         "selection_table": [{"backbone": "diffrep", **r} for r in run.report["selection_table"]]

@@ -70,7 +70,7 @@ def run_probe(backbone: Backbone, train_images: torch.Tensor, train_labels: Any,
               noise: str = "shared", seed: int = 0, val_fraction: float = 0.1, labels_per_class: int | None = None,
               grid_fit: int | None = 10000, concat: bool = True, cache_dir: str = DEFAULT_CACHE_DIR,
               dataset_id: str = "data", chunk_size: int = 1000, batch_size: int = 64, probe: Any = None,
-              progress: bool = True) -> ProbeRun:
+              progress: bool = True, pool_grid: int = 1) -> ProbeRun:
     """Select (node, t) on a validation split carved from the training data, then score the choice on test.
 
     Args:
@@ -86,6 +86,7 @@ def run_probe(backbone: Backbone, train_images: torch.Tensor, train_labels: Any,
             on the whole training set afterwards. Ignored with ``labels_per_class``.
         concat: also score concatenations (``default_concatenations``).
         probe: an unfitted classifier (default ``LinearProbe()``).
+        pool_grid: 1 = global average pooling (DDAE); g = a g x g average grid per node.
     """
     y = np.asarray(train_labels)
     y_test = np.asarray(test_labels)
@@ -117,7 +118,7 @@ def run_probe(backbone: Backbone, train_images: torch.Tensor, train_labels: Any,
     ordered = train_images[torch.from_numpy(order)]
     n_val, n_grid = val_idx.size, grid_idx.size
     common = dict(noise=noise, seed=seed, cache_dir=cache_dir, chunk_size=chunk_size, batch_size=batch_size,
-                  progress=progress)
+                  progress=progress, pool_grid=pool_grid)
     train_id = f"{dataset_id}/train(order: val={val_fraction}, seed={seed})"
 
     grid = cached_pooled_features(backbone, ordered, nodes, timesteps, count=n_val + n_grid,
@@ -148,7 +149,7 @@ def run_probe(backbone: Backbone, train_images: torch.Tensor, train_labels: Any,
         "backbone_identity": backbone_identity(backbone),
         "grid": {"nodes": nodes, "timesteps": timesteps,
                  "noise_levels": {str(t): round(backbone.noise_level(t), 6) for t in timesteps}},
-        "noise": noise, "seed": seed, "val_fraction": val_fraction, "labels_per_class": labels_per_class,
+        "noise": noise, "seed": seed, "pool_grid": pool_grid, "val_fraction": val_fraction, "labels_per_class": labels_per_class,
         "n_train": int(final_idx.size), "n_val": int(n_val), "n_grid_fit": int(n_grid), "n_test": int(y_test.size),
         "probe": {"class": type(probe).__name__, **probe.get_params()},
         "selection_table": selection.table,
@@ -198,7 +199,8 @@ def _cmd_probe(args: argparse.Namespace) -> int:
                     grid_fit=args.grid_fit, concat=not args.no_concat, cache_dir=args.cache_dir,
                     dataset_id=f"{args.dataset}:{data_info['n_train']}/{data_info['n_test']}",
                     chunk_size=args.chunk_size, batch_size=args.batch_size,
-                    probe=LinearProbe(C=args.C, max_iter=args.max_iter), progress=not args.quiet)
+                    probe=LinearProbe(C=args.C, max_iter=args.max_iter), progress=not args.quiet,
+                    pool_grid=args.pool_grid)
     report = {"backbone": str(args.backbone), "data": data_info, **run.report}
     print(f"{'key':<28} {'dim':>5} {'val_acc':>8}")
     for row in sorted(run.report["selection_table"], key=lambda r: -r["val_acc"])[:10]:
@@ -228,6 +230,8 @@ def add_probe_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--nodes", nargs="+", default=None, help="nodes to search (default: all)")
     p.add_argument("--timesteps", nargs="+", type=int, default=list(DEFAULT_TIMESTEPS))
     p.add_argument("--noise", default="shared")
+    p.add_argument("--pool-grid", type=int, default=1,
+                   help="average-pool each node to a G x G grid (1 = global average pooling)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--grid-fit", type=int, default=10000, help="fit-part images used to score the grid")

@@ -102,11 +102,11 @@ def _counting(monkeypatch, fail_on_call=None):
     calls = []
     original = cache_mod._extract_pooled
 
-    def wrapped(extractor, images):
+    def wrapped(extractor, images, grid=1):
         calls.append(images.shape[0])
         if fail_on_call is not None and len(calls) == fail_on_call:
             raise KeyboardInterrupt("simulated interruption")
-        return original(extractor, images)
+        return original(extractor, images, grid)
 
     monkeypatch.setattr(cache_mod, "_extract_pooled", wrapped)
     return calls
@@ -139,7 +139,7 @@ def test_cache_key_changes_with_seed_timesteps_noise_weights_and_data(tmp_path, 
     cached_pooled_features(backbone, images, cache_dir=tmp_path, progress=False, **base)
     assert len(calls) == 1
     variants = [dict(base, seed=1), dict(base, timesteps=[4]), dict(base, noise="ensemble(2)"),
-                dict(base, nodes=["mid", "up.0"])]
+                dict(base, nodes=["mid", "up.0"]), dict(base, pool_grid=2)]
     for i, variant in enumerate(variants, start=2):
         cached_pooled_features(backbone, images, cache_dir=tmp_path, progress=False, **variant)
         assert len(calls) == i, variant
@@ -149,6 +149,31 @@ def test_cache_key_changes_with_seed_timesteps_noise_weights_and_data(tmp_path, 
     cached_pooled_features(backbone, images.flip(0), cache_dir=tmp_path, progress=False, **base)
     assert len(calls) == len(variants) + 3
     assert len(list(tmp_path.iterdir())) == len(variants) + 3  # one store each, none reused wrongly
+
+
+@pytest.mark.parametrize("grid", [1, 2, 3])
+def test_pool_grid_matches_a_hand_computed_grid(grid):
+    torch.manual_seed(0)
+    maps = torch.randn(2, 3, 6, 6)
+    expected = maps.reshape(2, 3, grid, 6 // grid, grid, 6 // grid).mean(dim=(3, 5)).flatten(1)
+    np.testing.assert_allclose(pool({A: maps}, grid=grid).numpy(), expected.numpy(), rtol=1e-6, atol=1e-6)
+    assert pool({A: maps, B: maps[:, :2]}, grid=grid).shape == (2, 5 * grid * grid)
+
+
+def test_pool_grid_bad_input():
+    for grid in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="pool grid: expected a positive integer"):
+            pool({A: torch.zeros(1, 2, 4, 4)}, grid=grid)
+
+
+def test_cache_with_pool_grid_matches_extractor(tmp_path, tiny):
+    backbone, images = tiny
+    got = cached_pooled_features(backbone, images, nodes=["down.1"], timesteps=[3], cache_dir=tmp_path,
+                                 progress=False, pool_grid=2)
+    direct = FeatureExtractor(backbone, ["down.1"], [3])(images)
+    key = FeatureKey("down.1", 3)
+    assert got[key].shape == (10, direct[key].shape[1] * 4)
+    np.testing.assert_allclose(got[key], pool(direct, [key], grid=2).numpy(), atol=2e-3, rtol=2e-3)
 
 
 def test_cache_fill_resumes_after_interruption(tmp_path, tiny, monkeypatch):
@@ -236,9 +261,12 @@ def test_probe_cli_writes_report(tmp_path, tiny_dir, capsys):
     args = parser.parse_args(["probe", "--backbone", str(tiny_dir), "--dataset", "fmnist", "--labels-per-class", "4",
                               "--limit-train", "120", "--limit-test", "30", "--timesteps", "1", "--nodes", "mid", "up.0",
                               "--val-fraction", "0.25", "--out", str(tmp_path / "out"), "--cache-dir",
-                              str(tmp_path / "cache"), "--quiet", "--threads", "1"])
+                              str(tmp_path / "cache"), "--quiet", "--threads", "1", "--pool-grid", "2"])
     assert args.func(args) == 0
     report = json.loads((tmp_path / "out" / "probe_fmnist_k4.json").read_text())
+    assert report["pool_grid"] == 2
+    # a 2x2 grid gives 4 values per channel (the tiny U-Net's mid and up.0 each have 16 channels)
+    assert {row["dim"] for row in report["selection_table"] if row["kind"] == "single"} == {64}
     assert report["n_train"] == 40 and report["n_test"] == 30 and report["data"]["dataset"] == "fashion-mnist"
     assert "chosen single" in capsys.readouterr().out
 

@@ -19,13 +19,38 @@ def _ordered(features: Mapping[FeatureKey, torch.Tensor], keys: Sequence[Feature
     return [features[k] for k in keys]
 
 
-def pool(features: Mapping[FeatureKey, torch.Tensor], keys: Sequence[FeatureKey] | None = None) -> torch.Tensor:
-    """Global average pooling of each map, concatenated in key order: (N, sum of channels).
+def check_pool_grid(grid: int) -> int:
+    """``grid`` as a positive int, or a ValueError naming what was expected."""
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"pool grid: expected a positive integer (1 = global average), got {grid!r}")
+    return grid
 
-    The DDAE linear-probe protocol (Xiang et al. 2023) pools one decoder block this way.
+
+def pool_map(feature_map: torch.Tensor, grid: int = 1) -> torch.Tensor:
+    """Average-pool one (N, C, *spatial) map to ``grid`` cells per axis and flatten: (N, C * grid**dims).
+
+    ``grid=1`` is global average pooling; larger grids keep a coarse layout (channel-major order,
+    adaptive pooling, so the map size need not divide by ``grid``).
+    """
+    grid = check_pool_grid(grid)
+    x = feature_map.float()
+    if grid == 1:
+        return x.flatten(2).mean(dim=2)
+    pooling = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}.get(x.ndim - 2)
+    if pooling is None:
+        raise ValueError(f"feature map: expected (N, C, *spatial) with 1-3 spatial dims, got {tuple(x.shape)}")
+    return pooling(x, grid).flatten(1)
+
+
+def pool(features: Mapping[FeatureKey, torch.Tensor], keys: Sequence[FeatureKey] | None = None,
+         grid: int = 1) -> torch.Tensor:
+    """Average pooling of each map (:func:`pool_map`), concatenated in key order.
+
+    ``grid=1`` (global average, (N, sum of channels)) is the DDAE linear-probe protocol (Xiang et
+    al. 2023); ``grid=2`` keeps a 2x2 layout, which helps small images where position is informative.
     """
     maps = _ordered(features, keys)
-    return torch.cat([m.float().flatten(2).mean(dim=2) for m in maps], dim=1)
+    return torch.cat([pool_map(m, grid) for m in maps], dim=1)
 
 
 def upsample_concat(features: Mapping[FeatureKey, torch.Tensor], size: Sequence[int],

@@ -26,6 +26,7 @@ import torch
 from .._types import FeatureKey
 from ..backbones.backbone import Backbone
 from ..config import to_dict
+from .aggregate import check_pool_grid, pool_map
 from .extractor import FeatureExtractor
 from .noise_policy import NoisePolicy
 from .store import FeatureStore
@@ -60,10 +61,10 @@ def images_digest(images: torch.Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
-def _extract_pooled(extractor: FeatureExtractor, images: torch.Tensor) -> dict[FeatureKey, torch.Tensor]:
-    """Global-average-pooled features of one chunk of images: {FeatureKey: (n, C) float32}."""
+def _extract_pooled(extractor: FeatureExtractor, images: torch.Tensor, grid: int = 1) -> dict[FeatureKey, torch.Tensor]:
+    """Pooled features of one chunk of images: {FeatureKey: (n, C * grid**dims) float32}."""
     features = extractor(images)
-    return {key: value.float().flatten(2).mean(dim=2) for key, value in features.items()}
+    return {key: pool_map(value, grid) for key, value in features.items()}
 
 
 def _check_positive(value: Any, name: str) -> int:
@@ -74,10 +75,10 @@ def _check_positive(value: Any, name: str) -> int:
 
 def pooled_store(backbone: Backbone, images: torch.Tensor, nodes: list[str], timestep: int, *, noise: str,
                  seed: int, cache_dir: str | os.PathLike, dataset_id: str, chunk_size: int, dtype: str,
-                 identity: str | None = None, digest: str | None = None) -> FeatureStore:
+                 identity: str | None = None, digest: str | None = None, pool_grid: int = 1) -> FeatureStore:
     """The FeatureStore holding pooled features of ``images`` at one timestep (created if absent)."""
     fingerprint = {
-        "kind": "pooled-gap", "format": CACHE_FORMAT,
+        "kind": "pooled-gap" if check_pool_grid(pool_grid) == 1 else f"pooled-grid{pool_grid}", "format": CACHE_FORMAT,
         "checkpoint": identity or backbone_identity(backbone),
         "nodes": list(nodes), "timestep": int(timestep), "noise": str(NoisePolicy.parse(noise)), "seed": int(seed),
         "dataset": str(dataset_id), "num_images": int(images.shape[0]),
@@ -90,7 +91,8 @@ def cached_pooled_features(backbone: Backbone, images: Any, nodes: Iterable[str]
                            timesteps: Iterable[int] | int = (11,), *, noise: str = "shared", seed: int = 0,
                            cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, dataset_id: str = "unnamed",
                            count: int | None = None, chunk_size: int = 1000, batch_size: int = 64,
-                           dtype: str = "float16", progress: bool = True) -> dict[FeatureKey, np.ndarray]:
+                           dtype: str = "float16", progress: bool = True,
+                           pool_grid: int = 1) -> dict[FeatureKey, np.ndarray]:
     """Pooled features ``{FeatureKey(node, t): (count, C) array}`` of the first ``count`` images, via the cache.
 
     Args:
@@ -106,6 +108,8 @@ def cached_pooled_features(backbone: Backbone, images: Any, nodes: Iterable[str]
         batch_size: rows per U-Net forward.
         dtype: ``"float16"`` (default; halves disk and memory) or ``"float32"``.
         progress: tqdm bars per timestep.
+        pool_grid: 1 = global average pooling (C values per node); g = a g x g average grid
+            (C * g**2 values, channel-major); part of the cache key.
 
     The arrays are returned in ``dtype``; cast to float32 before fitting (``stack_features`` does).
     """
@@ -115,6 +119,7 @@ def cached_pooled_features(backbone: Backbone, images: Any, nodes: Iterable[str]
         raise ValueError(f"nodes: expected distinct names, got {nodes}")
     timesteps = backbone.check_timesteps(timesteps)
     NoisePolicy.parse(noise)
+    check_pool_grid(pool_grid)
     chunk_size = _check_positive(chunk_size, "chunk_size")
     _check_positive(batch_size, "batch_size")
     if dtype not in _DTYPES:
@@ -129,12 +134,12 @@ def cached_pooled_features(backbone: Backbone, images: Any, nodes: Iterable[str]
     for t in timesteps:
         store = pooled_store(backbone, images, nodes, t, noise=noise, seed=seed, cache_dir=cache_dir,
                              dataset_id=dataset_id, chunk_size=chunk_size, dtype=dtype,
-                             identity=identity, digest=digest)
+                             identity=identity, digest=digest, pool_grid=pool_grid)
         extractor = FeatureExtractor(backbone, nodes, [t], noise=noise, seed=seed, batch_size=batch_size,
                                      dtype=torch.float32)
 
         def compute(i: int, extractor: FeatureExtractor = extractor) -> dict[str, torch.Tensor]:
-            pooled = _extract_pooled(extractor, images[i * chunk_size:(i + 1) * chunk_size])
+            pooled = _extract_pooled(extractor, images[i * chunk_size:(i + 1) * chunk_size], pool_grid)
             return {key.node: value.to(_DTYPES[dtype]) for key, value in pooled.items()}
 
         missing = sum(not store.has(i) for i in range(num_chunks))
