@@ -385,8 +385,9 @@ def notes(g: dict, quick: bool) -> list[str]:
         "defaults (6 octaves, persistence 0.8, frequency 64 px) in the forward jump and every reverse step; "
         "only the post-processing (erosion, median) is chosen on validation, as for every row.",
         "simplex-f16: simplex noise with a 16 px coarsest lattice, AnoDDPM's 64 px at 256^2 scaled to 64^2.",
-        "All reconstruction scorers use one shared, seeded noise draw (seed 0); the seeds vary the lesion generator "
-        "only (lesion placement, kind and which images are lesioned), not the augmentation or the scorer noise.",
+        "Reconstruction scorers draw their noise per image, seeded from seed 0 and a hash of the image (so maps do "
+        "not depend on the batch); the seeds vary the lesion generator only (lesion placement, kind and which "
+        "images are lesioned), not the augmentation or the scorer seed.",
         "Control: a randomly initialised U-Net of the same architecture. MONAI zero-initialises the output "
         "convolution, so a fresh U-Net predicts eps = 0: its x0 estimate is x_t / sqrt(abar_t) (clipped), an honest "
         "'no learned prior' control for reconstruction scorers; its feature maps are random features.",
