@@ -44,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from anomaly_cache import MapCache, array_digest  # noqa: E402
 from common import RESULTS_DIR, Stopwatch, finish_metadata, mean_std, run_metadata, write_json  # noqa: E402
 
 from diffrep import load_backbone  # noqa: E402
@@ -53,6 +54,7 @@ from diffrep.anomaly.metrics import best_dice, evaluate_anomaly, pixel_auprc  # 
 from diffrep.backbones import Backbone  # noqa: E402
 from diffrep.data.augment import augment_batch, brain_augmentation  # noqa: E402
 from diffrep.data.lesions import make_anomaly_test_set  # noqa: E402
+from diffrep.features.cache import backbone_identity  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NOISES = {"gaussian": ("gaussian", None), "simplex": ("simplex", None),  # simplex defaults = AnoDDPM's (64 px)
@@ -79,6 +81,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dae-steps", type=int, default=None, help=f"DAE training steps (default {FULL['dae_steps']})")
     p.add_argument("--copies", type=int, default=None, help="augmented lesioned copies per slice (default 4)")
     p.add_argument("--cache-dir", default=str(REPO / ".cache" / "anomaly"), help="trained-DAE cache")
+    p.add_argument("--map-cache", default=str(REPO / ".cache" / "anomaly" / "maps"),
+                   help="finished maps per (method, settings, weights, image set); a rerun resumes from them")
+    p.add_argument("--no-map-cache", action="store_true", help="recompute every map")
     p.add_argument("--out", default=str(RESULTS_DIR / "anomaly_brain.json"))
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--control-seed", type=int, default=0, help="torch seed of the random-init U-Net")
@@ -220,14 +225,36 @@ def method_specs(g: dict, dae: Callable) -> list[Spec]:
 
 
 # ------------------------------------------------------------------------------------ evaluation
-def select(spec: Spec, backbone: Backbone, train: tuple, val: dict, g: dict) -> list[dict]:
+def timed_score(scorer: Any, images: np.ndarray, brain: np.ndarray | None) -> dict:
+    """Maps, image scores and seconds per slice of one scoring call."""
+    start = time.perf_counter()
+    result = scorer.score(images, brain) if brain is not None else scorer.score(images)
+    return {"maps": result.maps, "scores": result.scores,
+            "seconds_per_slice": (time.perf_counter() - start) / len(images)}
+
+
+def cache_key(spec: Spec, settings: dict, backbone: Backbone, stage: str, data: dict, dae_info: dict) -> dict:
+    """What a cached map depends on: method, settings, network weights, image set and stage."""
+    weights = dae_info.get("cache") if spec.name.startswith("DAE") else backbone_identity(backbone)
+    return {"method": spec.name, "settings": settings, "weights": weights, "stage": stage,
+            "data": array_digest(data["images"], data["brain"], data.get("lesion"))}
+
+
+def select(spec: Spec, backbone: Backbone, train: tuple, val: dict, g: dict, cache: MapCache | None = None,
+           dae_info: dict | None = None) -> list[dict]:
     """Validation table of one spec: every candidate x (erode, median), scored by pixel AUPRC and best Dice."""
     table = []
+    cache = cache or MapCache(None)
     for settings in spec.candidates:
         scorer = spec.factory(backbone, {**settings, "erode": 0, "median": 0})
-        if spec.needs_fit:
-            scorer.fit(*train)
-        raw = scorer.score(val["images"]).maps  # no masks, no filter: the raw maps
+
+        def compute(scorer: Any = scorer) -> dict:
+            if spec.needs_fit:
+                scorer.fit(*train)
+            return timed_score(scorer, val["images"], None)  # no masks, no filter: the raw maps
+
+        key = cache_key(spec, {**settings, "erode": 0, "median": 0}, backbone, "val-raw", val, dae_info or {})
+        raw = cache.get(key, compute)["maps"]
         for erode, median in itertools.product(g["erode"], g["median"]):
             maps, _ = postprocess_maps(raw, val["brain"], erode=erode, median=median)
             table.append({"method": spec.name, "settings": {**settings, "erode": erode, "median": median},
@@ -256,9 +283,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     dae_info: dict = {}
     specs = method_specs(g, dae_factory(train, g["dae_steps"], Path(args.cache_dir), dae_info, progress))
 
+    cache = MapCache(None if args.no_map_cache else args.map_cache)
     with watch("selection on validation"):
         table = [row for spec in tqdm(specs, desc="selection", disable=not progress)
-                 for row in select(spec, backbone, train, val, g)]
+                 for row in select(spec, backbone, train, val, g, cache, dae_info)]
     best = {spec.name: max((r for r in table if r["method"] == spec.name), key=lambda r: r["val_pixel_auprc"])
             for spec in specs}
 
@@ -277,15 +305,27 @@ def main(argv: Sequence[str] | None = None) -> dict:
         specs.append(Spec(name, spec.factory, [], spec.needs_fit, kind="control"))
         best[name] = {**best[spec.name], "method": name}
 
-    scorers, fit_seconds, healthy_maps = {}, {}, {}
+    scorers, fit_seconds, healthy_maps, fitted = {}, {}, {}, set()
+    nets = {spec.name: random_backbone if spec.kind == "control" else backbone for spec in specs}
+
+    def fitted_scorer(spec: Spec) -> Any:
+        """The spec's scorer, fitted on first use (a fully cached run never fits)."""
+        if spec.name not in fitted:
+            start = time.perf_counter()
+            if spec.needs_fit:
+                scorers[spec.name].fit(*train)
+            fit_seconds[spec.name] = time.perf_counter() - start
+            fitted.add(spec.name)
+        return scorers[spec.name]
+
+    def cached_maps(spec: Spec, stage: str, data: dict) -> dict:
+        key = cache_key(spec, best[spec.name]["settings"], nets[spec.name], stage, data, dae_info)
+        return cache.get(key, lambda: timed_score(fitted_scorer(spec), data["images"], data["brain"]))
+
     with watch("fit + healthy validation maps"):
         for spec in tqdm(specs, desc="fit", disable=not progress):
-            bb = random_backbone if spec.kind == "control" else backbone
-            start = time.perf_counter()
-            scorer = spec.factory(bb, best[spec.name]["settings"])
-            scorers[spec.name] = scorer.fit(*train) if spec.needs_fit else scorer
-            fit_seconds[spec.name] = time.perf_counter() - start
-            healthy_maps[spec.name] = scorer.score(healthy["images"], healthy["brain"]).maps
+            scorers[spec.name] = spec.factory(nets[spec.name], best[spec.name]["settings"])
+            healthy_maps[spec.name] = cached_maps(spec, "healthy", healthy)["maps"]
     metrics = {spec.name: {m: [] for m in METRICS} for spec in specs}
     seconds = {spec.name: [] for spec in specs}
     figure_maps = {}
@@ -293,16 +333,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for seed in g["seeds"]:  # methods interleaved within each seed: timings see the same machine state
             test = tests[seed]
             for spec in tqdm(specs, desc=f"test seed {seed}", disable=not progress):
-                start = time.perf_counter()
-                res = scorers[spec.name].score(test["images"], test["brain"])
-                seconds[spec.name].append((time.perf_counter() - start) / len(test["images"]))
-                values = evaluate_anomaly(res.maps, test["lesion"], res.scores, test["labels"],
+                res = cached_maps(spec, f"test-seed{seed}", test)
+                seconds[spec.name].append(res["seconds_per_slice"])
+                values = evaluate_anomaly(res["maps"], test["lesion"], res["scores"], test["labels"],
                                           healthy_maps[spec.name], valid=test["brain"],
                                           healthy_valid=healthy["brain"], fpr=0.01)
                 for m in METRICS:
                     metrics[spec.name][m].append(values[m])
                 if seed == g["seeds"][0]:
-                    figure_maps[spec.name] = res.maps
+                    figure_maps[spec.name] = res["maps"]
 
     reference = specs[0].name  # AnoDDPM-style, Gaussian
     rows = []
@@ -312,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                      "unet_calls_per_slice": int(scorers[spec.name].unet_calls_per_image),
                      "seconds_per_slice": sec, "seconds_per_slice_per_seed": seconds[spec.name],
                      "time_ratio_to_anoddpm": sec / float(np.median(seconds[reference])),
-                     "fit_seconds": round(fit_seconds[spec.name], 2),
+                     "fit_seconds": round(fit_seconds[spec.name], 2) if spec.name in fit_seconds else None,
                      "val_pixel_auprc": best[spec.name]["val_pixel_auprc"],
                      **{m: mean_std(metrics[spec.name][m]) for m in METRICS}})
     targets = compute_targets(rows, headline.name, args.quick)
@@ -341,6 +380,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     "seconds_per_slice": "median over seeds of scoring time / test slices, this process, interleaved"},
         "rows": rows, "headline": headline.name, "targets": targets, "dae": dae_info,
         "selection_table": table, "figure": fig_path.name, "notes": notes(g, args.quick),
+        "map_cache": {"root": None if cache.root is None else str(cache.root), "entries_reused": cache.hits,
+                      "note": ("reused entries carry the seconds per slice measured when they were computed "
+                               "(an earlier, interrupted run of the same command)")},
     }
     path = write_json(payload, out)
     if progress:

@@ -34,9 +34,21 @@ def test_quick_benchmark_has_every_row_and_column(tmp_path, monkeypatch):
     make_backbone("2d-2level").save(backbone_dir)
     monkeypatch.setattr(bench, "load_split", fake_split)
     out = tmp_path / "out" / "anomaly.json"
-    payload = bench.main(["--quick", "--backbone", str(backbone_dir), "--cache-dir", str(tmp_path / "cache"),
-                          "--out", str(out), "--threads", "1", "--quiet"])
+    argv = ["--quick", "--backbone", str(backbone_dir), "--cache-dir", str(tmp_path / "cache"),
+            "--map-cache", str(tmp_path / "maps"), "--out", str(out), "--threads", "1", "--quiet"]
+    payload = bench.main(argv)
     on_disk = json.loads(out.read_text())
+    assert on_disk["map_cache"]["entries_reused"] == 0
+
+    # a rerun (e.g. after an interruption) reuses every finished map and computes nothing again
+    calls = []
+    original = bench.timed_score
+    monkeypatch.setattr(bench, "timed_score", lambda *a: calls.append(1) or original(*a))
+    again = bench.main(argv)
+    assert calls == [] and again["map_cache"]["entries_reused"] > 0
+    for first, second in zip(payload["rows"], again["rows"]):
+        assert first["method"] == second["method"]
+        assert first["pixel_auprc"] == second["pixel_auprc"] and first["best_dice"] == second["best_dice"]
     assert on_disk["rows"] == json.loads(json.dumps(payload["rows"], default=float))
     assert (out.parent / "anomaly_maps.png").is_file()
     for key in ("command", "config", "seeds", "versions", "notes", "selection_table", "targets", "grid"):
