@@ -70,10 +70,50 @@ def test_resume_refuses_a_different_recipe(tmp_path):
         train(tiny_recipe(), tmp_path / "fresh", resume=True, progress=False)
 
 
+def _warm_recipe(init_from: Path, max_steps: int = 2) -> TrainConfig:
+    config = tiny_recipe(max_steps=max_steps)
+    config.init_from = str(init_from)
+    config.optim.ema_warmup = False
+    return config
+
+
+def test_warm_start_continues_from_another_run(tmp_path):
+    train(tiny_recipe(), tmp_path / "first", progress=False)
+    first = _state(tmp_path / "first")
+    config = _warm_recipe(tmp_path / "first" / "train_state.pt")
+    config.optim.lr = 0.0  # the weights stay where the warm start put them; the EMA follows its formula
+    train(config, tmp_path / "second", max_steps=1, progress=False)
+    train(config, tmp_path / "second", resume=True, progress=False)  # a warm-started run resumes as usual
+    second = _state(tmp_path / "second")
+    assert second["step"] == 2 and second["recipe"]["init_from"] == config.init_from
+    decay = config.optim.ema_decay ** 2
+    for key, value in first["model"].items():
+        assert torch.equal(second["model"][key], value), key
+        if value.is_floating_point():
+            expected = decay * first["ema"][key] + (1 - decay) * value
+            assert torch.allclose(second["ema"][key], expected, atol=1e-6), key
+    cold = tiny_recipe(max_steps=2)
+    cold.optim.lr = 0.0
+    train(cold, tmp_path / "cold", progress=False)
+    assert not all(torch.equal(_state(tmp_path / "cold")["model"][k], v) for k, v in first["model"].items())
+
+
+def test_warm_start_refuses_another_architecture_or_a_missing_state(tmp_path):
+    train(tiny_recipe(), tmp_path / "first", progress=False)
+    config = _warm_recipe(tmp_path / "first" / "train_state.pt")
+    config.backbone = BackboneConfig(unet=TINY_CONFIGS["2d-3level-attn"])
+    with pytest.raises(ValueError, match="init_from: .* must match"):
+        train(config, tmp_path / "second", progress=False)
+    with pytest.raises(FileNotFoundError, match="init_from: expected a train_state.pt"):
+        train(_warm_recipe(tmp_path / "missing.pt"), tmp_path / "third", progress=False)
+
+
 def test_shipped_recipes_parse_and_unknown_keys_fail(tmp_path):
-    for name in ("fmnist-ddpm", "brain-ddpm"):
+    for name in ("fmnist-ddpm", "brain-ddpm", "fmnist-ddpm-long"):
         config = load_train_config(REPO / "configs" / "train" / f"{name}.yaml")
         assert config.name == name and config.backbone.schedule.num_train_timesteps == 1000
+        if config.init_from:  # a warm start continues the shipped recipe's run
+            assert config.init_from == "runs/fmnist-ddpm/train_state.pt"
     bad = to_dict(tiny_recipe())
     bad["optim"]["learning_rate"] = 1.0
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))

@@ -38,6 +38,31 @@ def step_noise(config: TrainConfig, step: int, images: torch.Tensor, num_timeste
     return timesteps, noise
 
 
+def same_recipe(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether a saved recipe equals this one; an unset ``init_from`` matches states saved before it existed."""
+    def canonical(recipe: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in recipe.items() if not (k == "init_from" and v is None)}
+    return canonical(recorded) == canonical(current)
+
+
+def warm_start(config: TrainConfig, model: torch.nn.Module, ema: ModelEmaV3) -> int:
+    """Start ``model`` and its EMA from the weights in ``config.init_from`` (another run's training state).
+
+    The optimiser, LR schedule (warm-up included) and step counter start fresh: this is a warm restart
+    that extends a finished run with a new schedule, not a resume (use ``--resume`` for that).
+    Returns the earlier run's step count: the EMA keeps counting from it, so its first update
+    averages into the earlier EMA instead of copying the weights (timm's EMA copies at step 1).
+    """
+    state = load_state(Path(config.init_from))
+    theirs = state["recipe"]["backbone"]
+    if theirs != to_dict(config.backbone):
+        raise ValueError(f"init_from: {config.init_from} was trained with backbone {theirs}, "
+                         f"but this recipe's backbone is {to_dict(config.backbone)}; they must match")
+    model.load_state_dict(state["model"])
+    ema.module.load_state_dict(state["ema"])
+    return int(state["step"]) + int(state.get("ema_step_offset", 0))
+
+
 def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, max_steps: int | None = None,
           progress: bool = True, data: TrainingData | None = None, num_threads: int | None = None) -> Path:
     """Train (or resume) the recipe ``config`` into ``out_dir``; return the exported backbone directory.
@@ -67,11 +92,13 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, max_steps: int | No
                                     warmup_t=config.optim.warmup_steps, warmup_lr_init=config.optim.lr * 0.01,
                                     t_in_epochs=False)
     ema = ModelEmaV3(model, decay=config.optim.ema_decay, use_warmup=config.optim.ema_warmup)
-    step = 0
+    step, ema_step_offset = 0, 0
     state_path = out_dir / STATE_NAME
+    if config.init_from is not None and not resume:
+        ema_step_offset = warm_start(config, model, ema)
     if resume:
         state = load_state(state_path)
-        if state["recipe"] != to_dict(config):
+        if not same_recipe(state["recipe"], to_dict(config)):
             raise ValueError(f"--resume: the recipe differs from the one in {state_path}; resume with the same config")
         model.load_state_dict(state["model"])
         ema.module.load_state_dict(state["ema"])
@@ -79,6 +106,7 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, max_steps: int | No
         lr_schedule.load_state_dict(state["lr_schedule"])
         torch.set_rng_state(state["torch_rng"])
         step = int(state["step"])
+        ema_step_offset = int(state.get("ema_step_offset", 0))
     data = data or build_training_data(config.data, config.seed)
     net = DistributedDataParallel(model) if ctx.world_size > 1 else model
     stop = min(config.max_steps, max_steps if max_steps is not None else config.max_steps)
@@ -100,7 +128,7 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, max_steps: int | No
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
         optimizer.step()
         step += 1
-        ema.update(model, step=step)
+        ema.update(model, step=step + ema_step_offset)
         window_loss += loss.item()
         window_count += 1
         bar.update(1)
@@ -117,7 +145,7 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, max_steps: int | No
             save_state(state_path, {
                 "recipe": to_dict(config), "step": step, "model": model.state_dict(), "ema": ema.module.state_dict(),
                 "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
-                "torch_rng": torch.get_rng_state(), "data_position": data.position(step, config.optim.batch_size),
+                "torch_rng": torch.get_rng_state(), "ema_step_offset": ema_step_offset, "data_position": data.position(step, config.optim.batch_size),
             })
     bar.close()
     barrier(ctx)
