@@ -72,6 +72,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-iter", type=int, default=1000)
     p.add_argument("--cnn-epochs", type=int, default=None, help="default 5")
     p.add_argument("--skip-cnn", action="store_true")
+    p.add_argument("--skip-random-control", action="store_true",
+                   help="no random-init U-Net rows (for lever runs that compare against an earlier full run)")
+    p.add_argument("--tag", default=None, help="suffix of the output names, e.g. 'long' -> classification_fmnist_long.json")
     p.add_argument("--limit-train", type=int, default=None)
     p.add_argument("--limit-test", type=int, default=None)
     p.add_argument("--chunk-size", type=int, default=None, help="images per cache chunk (default 1000)")
@@ -197,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         meta["command"] = " ".join(["benchmarks/classification.py", *(shlex.quote(str(a)) for a in argv)])
     watch = Stopwatch()
     progress = not args.quiet
-    suffix = ("" if args.pool_grid == 1 else f"_grid{args.pool_grid}") + ("_quick" if args.quick else "")
+    suffix = (("" if args.pool_grid == 1 else f"_grid{args.pool_grid}") + (f"_{args.tag}" if args.tag else "")
+              + ("_quick" if args.quick else ""))
     out = Path(args.out)
 
     backbone = load_backbone(args.backbone)
@@ -220,14 +224,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     with watch("diffrep: features + selection + full-label probes"):
         run = run_probe(backbone, xtr, ytr, xte, yte, **common)
-    with watch("random U-Net: features + selection + full-label probes"):
-        rrun = run_probe(random_backbone, xtr, ytr, xte, yte, **common)
+    rrun = None
+    if not args.skip_random_control:
+        with watch("random U-Net: features + selection + full-label probes"):
+            rrun = run_probe(random_backbone, xtr, ytr, xte, yte, **common)
+    probed = [("diffrep", run, backbone)] + ([("control: random-init U-Net", rrun, random_backbone)] if rrun else [])
 
     raw_train = xtr.flatten(1).numpy()
     raw_test = xte.flatten(1).numpy()
     n_full = int(run.train_idx.size)
     rows = []
-    for name, r, rb in (("diffrep", run, backbone), ("control: random-init U-Net", rrun, random_backbone)):
+    for name, r, rb in probed:
         for kind, label in (("single", "best (node, t)"), ("concat", "best concatenation")):
             if kind in r.report["choices"]:
                 c = r.report["choices"][kind]
@@ -256,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if run.selection.best_concat is not None:
             methods["diffrep: best concatenation"] = (run, run.selection.best_concat, backbone)
         methods["control: raw pixels"] = (None, None, None)
-        methods["control: random-init U-Net, validation winner"] = (rrun, rrun.selection.best, random_backbone)
+        if rrun is not None:
+            methods["control: random-init U-Net, validation winner"] = (rrun, rrun.selection.best, random_backbone)
         for k in args.labels_per_class:
             accs: dict[str, list[float]] = {m: [] for m in methods}
             for s in args.seeds:
@@ -271,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 rows.append(_row(m, keys, rb, k, accs[m], list(args.seeds), k * len(np.unique(ytr))))
 
     heat_path = out / f"classification_fmnist{suffix}_heatmap.png"
-    heatmap({"diffrep (pretrained)": run, "random-init U-Net (control)": rrun}, nodes, list(args.timesteps), backbone,
+    heatmap({"diffrep (pretrained)": run, **({"random-init U-Net (control)": rrun} if rrun else {})}, nodes, list(args.timesteps), backbone,
             heat_path, f"Fashion-MNIST linear probe: validation accuracy (fit {run.report['n_grid_fit']}, "
                        f"val {run.report['n_val']}), noise {args.noise}, seed {args.seed}")
 
@@ -297,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                      "provenance": backbone.config.provenance,
                      "nodes": [{"name": i.name, "channels": i.channels, "stride": i.stride}
                                for i in backbone.feature_info()]},
-        "random_control": {"identity": rrun.report["backbone_identity"], "init_seed": init_seed},
+        "random_control": ({"identity": rrun.report["backbone_identity"], "init_seed": init_seed} if rrun
+                           else {"skipped": "--skip-random-control"}),
         "data": data_info,
         "protocol": {"validation": f"stratified {args.val_fraction:.0%} of the training images, seed {args.seed}",
                      "grid_fit": run.report["n_grid_fit"], "full_label_refit": "fit + validation",
@@ -309,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                      "feature_dtype": "float16 cache, float32 fit"},
         "rows": rows,
         "selection_table": [{"backbone": "diffrep", **r} for r in run.report["selection_table"]]
-                           + [{"backbone": "random-init U-Net", **r} for r in rrun.report["selection_table"]],
+                           + [{"backbone": "random-init U-Net", **r} for r in (rrun.report["selection_table"] if rrun else [])],
         "anchors": ANCHORS,
         "targets": targets,
         "heatmap": heat_path.name,

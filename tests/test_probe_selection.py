@@ -299,3 +299,12 @@ def test_benchmark_writes_json_and_heatmap(tmp_path, tiny_dir):
     assert low and all(r["seeds"] == [0, 1] and len(r["test_accs"]) == 2 for r in low)
     png = (tmp_path / "out" / "classification_fmnist_quick_heatmap.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a lever run: tagged output names, no random-init rows, the diffrep rows reuse the cached features
+    lever = bench.main(argv + ["--random-init-seed", "0", "--skip-random-control", "--skip-cnn", "--tag", "lever"])
+    saved = json.loads((tmp_path / "out" / "classification_fmnist_lever_quick.json").read_text())
+    assert saved["random_control"] == {"skipped": "--skip-random-control"}
+    assert not any("random-init" in r["method"] for r in saved["rows"])
+    assert {r["method"]: r["test_accs"] for r in lever["rows"] if r["method"].startswith("diffrep")} == \
+        {r["method"]: r["test_accs"] for r in payload["rows"] if r["method"].startswith("diffrep")}
+    assert (tmp_path / "out" / "classification_fmnist_lever_quick_heatmap.png").is_file()
