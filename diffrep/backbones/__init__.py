@@ -1,11 +1,12 @@
 """U-Net backbones: the MONAI adapter, checkpoint I/O and the shipped defaults."""
 from .backbone import Backbone, build_unet
 from .checkpoint import CheckpointError, load_checkpoint, save_backbone
+from .diffusers_import import DiffusersUNet, load_diffusers_unet
 from .monai_import import from_monai_unet, import_monai_state_dict
 from .config import BackboneConfig, Normalisation, ScheduleConfig, UNetConfig
 from .zoo import load_backbone, zoo_entries, zoo_names
 
 __all__ = [
-    "Backbone", "BackboneConfig", "CheckpointError", "Normalisation", "ScheduleConfig", "UNetConfig",
+    "Backbone", "BackboneConfig", "CheckpointError", "DiffusersUNet", "load_diffusers_unet", "Normalisation", "ScheduleConfig", "UNetConfig",
     "build_unet", "from_monai_unet", "import_monai_state_dict", "load_backbone", "load_checkpoint", "save_backbone", "zoo_entries", "zoo_names",
 ]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.networks.nets import DiffusionModelUNet
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -30,6 +31,10 @@ class CheckpointError(ValueError):
 
 def save_backbone(backbone: Backbone, directory: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Path:
     """Save ``backbone`` as ``directory/config.json`` + ``directory/model.safetensors`` (atomic writes)."""
+    if not isinstance(backbone.unet, DiffusionModelUNet):
+        raise CheckpointError(f"save_backbone: diffrep checkpoints hold MONAI DiffusionModelUNets, got "
+                              f"{type(backbone.unet).__name__}; keep a diffusers model in its own folder "
+                              "(save_pretrained) and load it with load_backbone(folder)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()

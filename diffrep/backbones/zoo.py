@@ -34,9 +34,15 @@ def zoo_entries() -> list[dict[str, Any]]:
 def load_backbone(path_or_name: str | os.PathLike, device: str | torch.device = "cpu") -> Backbone:
     """Load a backbone from a checkpoint directory or by the name of a shipped default (offline).
 
+    A directory is a diffrep checkpoint (config.json + model.safetensors) or a diffusers
+    UNet2DModel pipeline/model folder (see ``diffrep.backbones.diffusers_import``).
     """
     path = Path(path_or_name)
     if path.is_dir():
+        from .diffusers_import import is_diffusers_dir, load_diffusers_unet
+
+        if is_diffusers_dir(path):
+            return load_diffusers_unet(path).to(device)
         return load_checkpoint(path).to(device)
     name = str(path_or_name)
     if name in zoo_names():
