@@ -58,7 +58,9 @@ def test_quick_benchmark_has_every_row_and_column(tmp_path, monkeypatch):
     rows = {r["method"]: r for r in on_disk["rows"]}
     anoddpm = [f"AnoDDPM-style DDPM L={g['anoddpm_level'] + 1}, {n}" for n in ("gaussian", "simplex")]
     expected = anoddpm + [f"x0 single step, L={L}" for L in g["x0_levels"]] + [f"DDIM k={k}" for k in g["ddim_steps"]]
-    expected += ["multi-level x0 ensemble", "feature distance", "DAE (coarse noise, Kascenas et al.)"]
+    expected += ["multi-level x0 ensemble", "feature distance", "DAE (coarse noise, Kascenas et al.)",
+                 "x0, mean of K noise draws", "x0 single step + healthy calibration",
+                 "DAE (coarse noise, Kascenas et al.) + healthy calibration"]
     assert set(expected) <= set(rows)
     controls = [name for name, r in rows.items() if r["kind"] == "control"]
     assert f"control: random-init U-Net, {on_disk['headline']}" in controls
@@ -72,7 +74,7 @@ def test_quick_benchmark_has_every_row_and_column(tmp_path, monkeypatch):
         assert r["seconds_per_slice"] > 0 and np.isfinite(r["time_ratio_to_anoddpm"])
         s = r["settings"]
         if name.startswith("x0") or s.get("reverse") == "x0":
-            assert r["unet_calls_per_slice"] == 1, name
+            assert r["unet_calls_per_slice"] == s.get("draws", 1), name
         elif s.get("reverse") == "ddim":
             assert r["unet_calls_per_slice"] == s["k"], name
         elif s.get("reverse") == "ddpm":
@@ -84,6 +86,10 @@ def test_quick_benchmark_has_every_row_and_column(tmp_path, monkeypatch):
     assert rows["multi-level x0 ensemble"]["unet_calls_per_slice"] == len(rows["multi-level x0 ensemble"]["settings"]["levels"])
     assert rows["feature distance"]["unet_calls_per_slice"] == len(rows["feature distance"]["settings"]["timesteps"])
     assert rows["DAE (coarse noise, Kascenas et al.)"]["unet_calls_per_slice"] == 1
+    assert rows["DAE (coarse noise, Kascenas et al.) + healthy calibration"]["unet_calls_per_slice"] == 1
+    assert rows["x0, mean of K noise draws"]["unet_calls_per_slice"] == rows["x0, mean of K noise draws"]["settings"]["draws"]
+    assert rows["DAE (coarse noise, Kascenas et al.)"]["kind"] == "baseline"
+    assert on_disk["targets"]["dae_reference"] == "DAE (coarse noise, Kascenas et al.)"
 
     targets = on_disk["targets"]
     for key in ("headline", "met", "beats_dae_auprc_and_best_dice", "beats_anoddpm", "auprc_gain_over_anoddpm",

@@ -6,6 +6,7 @@ anomalous) and ``unet_calls_per_image`` (network evaluations per slice). ``score
 scorer to a whole NIfTI volume. Metrics live in ``diffrep.anomaly.metrics``.
 """
 from .base import AnomalyScorer
+from .calibration import CalibratedScorer
 from .dae import DAEScorer, brain_augment
 from .ensemble import MultiLevelScorer
 from .feature_distance import FeatureDistanceScorer
@@ -15,7 +16,7 @@ from .reconstruction import (ReconstructionScorer, ddim_step, ddim_timesteps, dd
 from .volume import add_anomaly_cli, score_volume
 
 __all__ = [
-    "AnomalyScorer", "DAEScorer", "FeatureDistanceScorer", "MultiLevelScorer", "ReconstructionScorer",
+    "AnomalyScorer", "CalibratedScorer", "DAEScorer", "FeatureDistanceScorer", "MultiLevelScorer", "ReconstructionScorer",
     "add_anomaly_cli", "brain_augment", "check_masks", "ddim_step", "ddim_timesteps", "ddpm_posterior_mean",
     "ddpm_posterior_variance", "erode_masks", "image_scores", "median_filter_maps", "postprocess_maps",
     "score_volume",

@@ -111,6 +111,10 @@ class ReconstructionScorer(AnomalyScorer):
         ddim_steps: k, number of DDIM steps (1..L+1).
         residual: ``"l1"`` (|x - x^|) or ``"l2"`` ((x - x^)^2), in the data range, averaged over channels.
         erode, median, top_fraction: post-processing and image score (see AnomalyScorer).
+        draws: independent noise draws whose reconstructions are averaged before the residual is taken
+            (``draws`` times the U-Net calls); averaging removes the reconstruction's noise-driven
+            detail, so healthy tissue leaves a smaller residual while a lesion, which no draw rebuilds,
+            keeps its residual.
         seed: seed of every noise draw. batch_size: images per U-Net forward.
         clip: clip x0 predictions to the model range [-1, 1] (as MONAI's ``clip_sample``).
     """
@@ -118,7 +122,7 @@ class ReconstructionScorer(AnomalyScorer):
     def __init__(self, backbone: Backbone, noise_level: int = 250, noise: str = "gaussian", reverse: str = "x0",
                  ddim_steps: int = 5, residual: str = "l1", erode: int = 0, median: int = 0,
                  top_fraction: float = 0.01, seed: int = 0, batch_size: int = 32, clip: bool = True,
-                 noise_options: dict[str, Any] | None = None, per_image_noise: bool = True) -> None:
+                 noise_options: dict[str, Any] | None = None, per_image_noise: bool = True, draws: int = 1) -> None:
         self.backbone = backbone
         self.noise_level = noise_level
         self.noise = noise
@@ -133,6 +137,7 @@ class ReconstructionScorer(AnomalyScorer):
         self.clip = clip
         self.noise_options = noise_options
         self.per_image_noise = per_image_noise
+        self.draws = draws
 
     def _validate(self) -> None:
         super()._validate()
@@ -146,14 +151,16 @@ class ReconstructionScorer(AnomalyScorer):
                 raise ValueError(f"ddim_steps: expected at most noise_level + 1 = {self.noise_level + 1} "
                                  f"distinct timesteps in [0, {self.noise_level}], got {self.ddim_steps}")
         check_positive_int(self.seed, "seed", minimum=0)
+        check_positive_int(self.draws, "draws")
         if self.noise_options is not None and not isinstance(self.noise_options, dict):
             raise TypeError(f"noise_options: expected a dict or None, got {type(self.noise_options).__name__}")
 
     @property
     def unet_calls_per_image(self) -> int:
-        """L + 1 for ddpm (timesteps L..0), k for ddim, 1 for x0."""
+        """(L + 1 for ddpm (timesteps L..0), k for ddim, 1 for x0) times ``draws``."""
         self._validate()
-        return {"ddpm": int(self.noise_level) + 1, "ddim": int(self.ddim_steps), "x0": 1}[self.reverse]
+        per_draw = {"ddpm": int(self.noise_level) + 1, "ddim": int(self.ddim_steps), "x0": 1}[self.reverse]
+        return per_draw * int(self.draws)
 
     def reconstruct(self, images: Any) -> np.ndarray:
         """Reconstructions in the data range, (N, C, *spatial) float32."""
@@ -184,7 +191,12 @@ class ReconstructionScorer(AnomalyScorer):
         def t_batch(t: int) -> torch.Tensor:
             return torch.full((n,), t, device=device, dtype=torch.long)
 
-        level = int(self.noise_level)
+        total = sum(self._reverse(x0, noise, t_batch) for _ in range(int(self.draws)))
+        return bb.to_data_range(total / int(self.draws)).float()
+
+    def _reverse(self, x0: torch.Tensor, noise: Any, t_batch: Any) -> torch.Tensor:
+        """One reconstruction in the model range: noise ``x0`` to L, then run the chosen reverse process."""
+        bb, level = self.backbone, int(self.noise_level)
         x = bb.add_noise(x0, noise(), t_batch(level))
         ac = bb.alphas_cumprod
         if self.reverse == "x0":
@@ -200,4 +212,4 @@ class ReconstructionScorer(AnomalyScorer):
                 x0_hat = x0_hat.clamp(-1.0, 1.0) if self.clip else x0_hat
                 mean = ddpm_posterior_mean(ac, x, x0_hat, t)
                 x = mean + ddpm_posterior_variance(ac, t) ** 0.5 * noise() if t > 0 else mean
-        return bb.to_data_range(x).float()
+        return x
