@@ -53,7 +53,11 @@ def classification(name: str = "classification_fmnist.json") -> list[str]:
     data = _load(RESULTS / name)
     if not data:
         return []
-    lines = [f"**Fashion-MNIST linear probe** (`{data['command']}`; pooling: {data['protocol']['pooling']}; "
+    prov = data["backbone"]["provenance"]
+    start = prov.get("recipe", {}).get("init_from")
+    trained = f"{prov.get('steps')} training steps" + (f" warm-started from {start}" if start else "")
+    lines = [f"**Fashion-MNIST linear probe** (`{data['command']}`; backbone {data['backbone']['name']} "
+             f"({trained}); pooling: {data['protocol']['pooling']}; "
              f"`benchmarks/results/{name}`, heatmap `{data['heatmap']}`)", "",
              "| method | labels per class | (node, t) | test accuracy (%) |", "|---|---|---|---|"]
     for r in data["rows"]:
@@ -119,7 +123,8 @@ def anomaly(name: str = "anomaly_brain.json") -> list[str]:
 
 
 def main() -> None:
-    sections = pretraining() + extraction() + classification() + classification("classification_fmnist_grid2.json")
+    sections = (pretraining() + extraction() + classification() + classification("classification_fmnist_grid2.json")
+                + classification("classification_fmnist_grid2_long.json"))
     print("\n".join(sections + segmentation() + anomaly()))
 
 
