@@ -16,7 +16,7 @@ def _load(path: Path) -> dict | None:
 
 def pretraining() -> list[str]:
     lines = []
-    for name in ("fmnist-ddpm", "brain-ddpm"):
+    for name in ("fmnist-ddpm", "fmnist-ddpm-long", "brain-ddpm"):
         losses = _load(RESULTS / "pretraining" / name / "heldout_losses.json")
         if not losses:
             continue
