@@ -21,7 +21,10 @@ def pretraining() -> list[str]:
         if not losses:
             continue
         ts = list(losses["trained_ema"])
-        lines += [f"**{name}** ({losses['steps']} steps; `benchmarks/results/pretraining/{name}/heldout_losses.json`, "
+        config = _load(RESULTS / "pretraining" / name / "config.json") or {}
+        start = config.get("provenance", {}).get("recipe", {}).get("init_from")
+        steps = f"{losses['steps']} steps" + (f" after a warm start from {start}" if start else "")
+        lines += [f"**{name}** ({steps}; `benchmarks/results/pretraining/{name}/heldout_losses.json`, "
                   f"written by `diffrep train --config configs/train/{name}.yaml`)", "",
                   "| t | noise level | held-out eps-MSE, trained (EMA) | fresh init |", "|---|---|---|---|"]
         for t in ts:
