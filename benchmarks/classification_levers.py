@@ -35,6 +35,7 @@ def main() -> dict:
     p.add_argument("--val", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tag", default=None, help="suffix of the output name, e.g. 'long' -> classification_fmnist_levers_long.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     meta = run_metadata(vars(args), args.seed)
@@ -59,7 +60,7 @@ def main() -> dict:
     payload = {**finish_metadata(meta, watch), "data": info,
                "split": f"random {args.fit} fit / {args.val} validation images of the training set (seed {args.seed})",
                "probe": LinearProbe().get_params(), "rows": rows}
-    write_json(payload, RESULTS_DIR / "classification_fmnist_levers.json")
+    write_json(payload, RESULTS_DIR / f"classification_fmnist_levers{'_' + args.tag if args.tag else ''}.json")
     return payload
 
 
