@@ -62,9 +62,6 @@ class TrainConfig:
             raise ValueError(f"max_steps: expected >= 1, got {self.max_steps}")
         if self.optim.batch_size < 1:
             raise ValueError(f"optim.batch_size: expected >= 1, got {self.optim.batch_size}")
-        if self.init_from is not None and not Path(self.init_from).is_file():
-            raise FileNotFoundError(f"init_from: expected a train_state.pt written by `diffrep train`, "
-                                    f"got {self.init_from!r} (no such file)")
 
 
 def load_train_config(path: str | Path) -> TrainConfig:

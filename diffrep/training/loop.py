@@ -53,6 +53,9 @@ def warm_start(config: TrainConfig, model: torch.nn.Module, ema: ModelEmaV3) -> 
     Returns the earlier run's step count: the EMA keeps counting from it, so its first update
     averages into the earlier EMA instead of copying the weights (timm's EMA copies at step 1).
     """
+    if not Path(config.init_from).is_file():
+        raise FileNotFoundError(f"init_from: expected a train_state.pt written by `diffrep train`, "
+                                f"got {config.init_from!r} (no such file)")
     state = load_state(Path(config.init_from))
     theirs = state["recipe"]["backbone"]
     if theirs != to_dict(config.backbone):
