@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, OSError) as err:  # bad input: a message, exit 2 (OSError: unreadable/missing files)
         print(f"diffrep {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -20,8 +20,27 @@ TINY_CONFIGS = {
 
 
 def make_backbone(name: str = "2d-2level", seed: int = 0) -> Backbone:
+    """A tiny backbone whose every layer is informative.
+
+    MONAI zero-initialises the output convolution and the last convolution of every residual branch
+    (and attention projections), so a fresh U-Net outputs exactly 0 and its resnets are identities:
+    tests comparing outputs, or telling one module of a block from another, could not fail. Those
+    layers get PyTorch's default initialisation here instead.
+    """
     torch.manual_seed(seed)
-    return Backbone(BackboneConfig(unet=TINY_CONFIGS[name]))
+    backbone = Backbone(BackboneConfig(unet=TINY_CONFIGS[name]))
+    informative_init_(backbone.unet)
+    return backbone
+
+
+def informative_init_(module: torch.nn.Module) -> torch.nn.Module:
+    """Re-initialise every all-zero conv/linear layer of ``module`` with PyTorch's default init."""
+    for layer in module.modules():
+        weight = getattr(layer, "weight", None)
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)) and weight is not None \
+                and not bool(weight.detach().any()):
+            layer.reset_parameters()
+    return module
 
 
 def make_images(backbone: Backbone, n: int = 3, size: int = 16, seed: int = 1) -> torch.Tensor:
