@@ -9,8 +9,15 @@ Data (MNI152 slices, 64 x 64; synthetic lesions from ``diffrep.data.lesions``):
   is chosen there by pixel AUPRC; the whole table is written to the JSON;
 - thresholds: healthy validation slices (the val split, augmented copies, no lesions) fix the threshold
   that flags 1% of healthy brain pixels ("Dice at 1% FPR");
-- test: ``copies`` augmented copies of the test split (20 slices), lesions in half, one set per lesion
-  seed; metrics are mean +- std over those seeds. Augmentation seeds are the same for every lesion seed.
+- test: ``test_copies`` augmented copies of the test split (20 slices), lesions in half, one set per
+  lesion seed; each set is scored once per noise seed (the seed of every noise draw of the scorer, and of
+  what a scorer fits on healthy data). Metrics are mean +- std over all lesion seeds x noise seeds, with
+  the spread split into lesion-seed and noise-seed parts. Scorers without noise (the DAE) are scored once
+  per lesion seed. Augmentation seeds are the same for every lesion seed.
+
+Caches (trained DAE, finished maps) are keyed by everything that produced them, including a digest of
+the diffrep source and of this benchmark's code (``diffrep._provenance.code_digest``): a cache written
+by other code is never read.
 
 Rows: AnoDDPM-style partial diffusion (L = 250, full ancestral DDPM chain, Gaussian and simplex noise), the
 single-step x0 scorer at several L, k-step DDIM (k = 2, 5, 10), the multi-level ensemble, the
@@ -19,11 +26,11 @@ architecture: the headline scorer (the best one with <= 10 U-Net calls by valida
 reconstruction scorer and the feature-distance scorer, each with its validation-chosen settings.
 Columns: pixel AUPRC, best Dice, Dice at 1% healthy FPR, pixel AUROC, image AUROC/AP, U-Net calls per
 slice and seconds per slice. Timing: every method scores the same test set in
-one process, methods interleaved within each lesion seed; the median over seeds is reported.
+one process, methods interleaved within each (lesion seed, noise seed); the median over them is reported.
 
 Writes ``--out`` (default benchmarks/results/anomaly_brain.json) and ``<out stem>_maps.png`` next to it.
 
-    python benchmarks/anomaly_brain.py [--backbone brain-ddpm] [--quick] [--seeds 0 1 2] [--dae-steps N]
+    python benchmarks/anomaly_brain.py [--backbone brain-ddpm] [--quick] [--seeds 0 1 2] [--noise-seeds 0 1 2] [--dae-steps N]
                                        [--cache-dir .cache/anomaly] [--out PATH] [--threads 1]
 """
 from __future__ import annotations
@@ -54,18 +61,19 @@ from diffrep.anomaly.metrics import best_dice, evaluate_anomaly, pixel_auprc  # 
 from diffrep.backbones import Backbone  # noqa: E402
 from diffrep.data.augment import augment_batch, brain_augmentation  # noqa: E402
 from diffrep.data.lesions import make_anomaly_test_set  # noqa: E402
+from diffrep._provenance import code_digest  # noqa: E402
 from diffrep.features.cache import backbone_identity  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NOISES = {"gaussian": ("gaussian", None), "simplex": ("simplex", None),  # simplex defaults = AnoDDPM's (64 px)
           "simplex-f16": ("simplex", {"frequency": 16.0})}             # AnoDDPM's 64 px at 256^2, scaled to 64^2
-FULL = {"slices": None, "copies": 4, "seeds": [0, 1, 2], "anoddpm_level": 249, "x0_levels": [100, 250, 500, 750],
+FULL = {"slices": None, "copies": 4, "test_copies": 2, "seeds": [0, 1, 2], "noise_seeds": [0, 1, 2], "anoddpm_level": 249, "x0_levels": [100, 250, 500, 750],
         "ddim_steps": [2, 5, 10], "ddim_levels": [100, 250, 500], "noises": list(NOISES),
         "ensembles": [[100, 250, 500], [250, 500, 750]], "feature_methods": ["knn", "gaussian"],
         "feature_nodes": [["up.1", "up.2"], ["down.1", "up.1"]], "feature_timesteps": [[50], [150]],
         "erode": [0, 2, 4], "median": [0, 3, 5], "dae_steps": 3000, "max_pixels": 20000, "pca": 32,
         "draws": [4, 8], "draws_levels": [250, 500], "calibrated_levels": [250, 500], "calibration_bins": 16}
-QUICK = {**FULL, "slices": 3, "copies": 2, "seeds": [0], "anoddpm_level": 19, "x0_levels": [100, 500],
+QUICK = {**FULL, "slices": 3, "copies": 2, "test_copies": 2, "seeds": [0], "noise_seeds": [0, 1], "anoddpm_level": 19, "x0_levels": [100, 500],
          "ddim_levels": [250], "noises": ["gaussian", "simplex"], "ensembles": [[100, 500]], "feature_methods": ["knn"],
          "feature_nodes": [["up.1", "up.2"]], "feature_timesteps": [[50]], "erode": [0, 2], "median": [0, 3],
          "dae_steps": 3, "max_pixels": 2000, "pca": 8, "draws": [2], "draws_levels": [500],
@@ -73,6 +81,9 @@ QUICK = {**FULL, "slices": 3, "copies": 2, "seeds": [0], "anoddpm_level": 19, "x
 DAE_NAME = "DAE (coarse noise, Kascenas et al.)"
 TARGETS = {"max_unet_calls": 10, "anoddpm_auprc_gain_min": 0.10, "anoddpm_calls_ratio_min": 25.0}
 METRICS = ("pixel_auprc", "best_dice", "dice_at_fpr", "pixel_auroc", "image_auroc", "image_ap")
+# The code that computes maps: every cache entry is keyed by it (edit the code, recompute the maps).
+HERE = Path(__file__).resolve().parent
+CODE = code_digest(["diffrep"], [HERE / "anomaly_brain.py", HERE / "anomaly_cache.py"])
 SEEDS = {"test_lesions": 1000, "val_lesions": 10**6, "test_aug": 500_000, "val_aug": 600_000, "healthy_aug": 700_000}
 
 
@@ -81,8 +92,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backbone", default="brain-ddpm", help="checkpoint directory or shipped default name")
     p.add_argument("--quick", action="store_true", help="few slices, 1 seed, AnoDDPM L=20, tiny grids and DAE")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="lesion-generator seeds (default 0 1 2)")
+    p.add_argument("--noise-seeds", nargs="+", type=int, default=None,
+                   help="scorer noise seeds, each applied to every lesion seed (default 0 1 2)")
     p.add_argument("--dae-steps", type=int, default=None, help=f"DAE training steps (default {FULL['dae_steps']})")
-    p.add_argument("--copies", type=int, default=None, help="augmented lesioned copies per slice (default 4)")
+    p.add_argument("--copies", type=int, default=None, help="augmented copies per validation slice (default 4)")
+    p.add_argument("--test-copies", type=int, default=None, help="augmented lesioned copies per test slice (default 2)")
     p.add_argument("--cache-dir", default=str(REPO / ".cache" / "anomaly"), help="trained-DAE cache")
     p.add_argument("--map-cache", default=str(REPO / ".cache" / "anomaly" / "maps"),
                    help="finished maps per (method, settings, weights, image set); a rerun resumes from them")
@@ -93,7 +107,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     grid = dict(QUICK if args.quick else FULL)
-    for key in ("seeds", "dae_steps", "copies"):
+    for key in ("seeds", "noise_seeds", "dae_steps", "copies", "test_copies"):
         if getattr(args, key) is not None:
             grid[key] = getattr(args, key)
     args.grid = grid
@@ -152,13 +166,14 @@ class Spec:
     candidates: list[dict]
     needs_fit: bool = False
     kind: str = "diffrep"  # diffrep | baseline | control | "baseline + diffrep calibration"
+    noisy: bool = True     # False: the scorer draws no noise, so noise seeds cannot change its maps
 
 
 def recon(backbone: Backbone, s: dict) -> ReconstructionScorer:
     kind, options = NOISES[s["noise"]]
     return ReconstructionScorer(backbone, noise_level=s["noise_level"], noise=kind, noise_options=options,
                                 reverse=s["reverse"], ddim_steps=s.get("k", 5), residual=s.get("residual", "l1"),
-                                erode=s["erode"], median=s["median"], seed=0, draws=s.get("draws", 1))
+                                erode=s["erode"], median=s["median"], seed=s.get("seed", 0), draws=s.get("draws", 1))
 
 
 def calibrated(backbone: Backbone, s: dict) -> CalibratedScorer:
@@ -170,14 +185,15 @@ def calibrated(backbone: Backbone, s: dict) -> CalibratedScorer:
 def ensemble(backbone: Backbone, s: dict) -> MultiLevelScorer:
     kind, options = NOISES[s["noise"]]
     return MultiLevelScorer(backbone, levels=tuple(s["levels"]), erode=s["erode"], median=s["median"],
-                            scorer_params={"reverse": "x0", "noise": kind, "noise_options": options, "seed": 0})
+                            scorer_params={"reverse": "x0", "noise": kind, "noise_options": options,
+                                           "seed": s.get("seed", 0)})
 
 
 def features(backbone: Backbone, s: dict) -> FeatureDistanceScorer:
     nodes = [n for n in s["nodes"] if n in backbone.node_names] or backbone.node_names[-1:]
     return FeatureDistanceScorer(backbone, nodes=nodes, timesteps=s["timesteps"], method=s["method"],
                                  max_pixels=s["max_pixels"], pca_components=s["pca"], erode=s["erode"],
-                                 median=s["median"])
+                                 median=s["median"], seed=s.get("seed", 0))
 
 
 def dae_factory(train: tuple[torch.Tensor, torch.Tensor], steps: int, cache_dir: Path, info: dict,
@@ -186,7 +202,7 @@ def dae_factory(train: tuple[torch.Tensor, torch.Tensor], steps: int, cache_dir:
     data_hash = hashlib.sha1(train[0].numpy().tobytes() + train[1].numpy().tobytes()).hexdigest()
     recipe = {"channels": [32, 64, 128, 256], "strides": [2, 2, 2], "num_res_units": 2, "noise_resolution": 16,
               "noise_std": 0.2, "steps": steps, "batch_size": 16, "lr": 1e-4, "seed": 0,
-              "augment": "brain_augment(prob=0.5), as brain-ddpm", "data": data_hash}
+              "augment": "brain_augment(prob=0.5), as brain-ddpm", "data": data_hash, "code": CODE}
     key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir / f"dae-{key}"
     info.update(recipe=recipe, cache=str(path))
@@ -235,7 +251,7 @@ def method_specs(g: dict, dae: Callable) -> list[Spec]:
                       [{"method": m, "nodes": nd, "timesteps": ts, "max_pixels": g["max_pixels"], "pca": g["pca"]}
                        for m in g["feature_methods"] for nd in g["feature_nodes"] for ts in g["feature_timesteps"]],
                       needs_fit=True))
-    specs.append(Spec(DAE_NAME, dae, [{}], kind="baseline"))
+    specs.append(Spec(DAE_NAME, dae, [{}], kind="baseline", noisy=False))
 
     def dae_calibrated(backbone: Backbone, s: dict) -> CalibratedScorer:
         return CalibratedScorer(dae(backbone, {"erode": 0, "median": 0}), bins=s["bins"], erode=s["erode"],
@@ -243,7 +259,7 @@ def method_specs(g: dict, dae: Callable) -> list[Spec]:
 
     # not a diffrep row: the calibration applied to the baseline, to show how much of its gain is the DAE's too
     specs.append(Spec(f"{DAE_NAME} + healthy calibration", dae_calibrated, [{"bins": g["calibration_bins"]}],
-                      needs_fit=True, kind="baseline + diffrep calibration"))
+                      needs_fit=True, kind="baseline + diffrep calibration", noisy=False))
     return specs
 
 
@@ -257,9 +273,10 @@ def timed_score(scorer: Any, images: np.ndarray, brain: np.ndarray | None) -> di
 
 
 def cache_key(spec: Spec, settings: dict, backbone: Backbone, stage: str, data: dict, dae_info: dict) -> dict:
-    """What a cached map depends on: method, settings, network weights, image set and stage."""
+    """What a cached map depends on: the code, method, settings (noise seed included), network weights,
+    image set and stage."""
     weights = dae_info.get("cache") if spec.name.startswith("DAE") else backbone_identity(backbone)
-    return {"method": spec.name, "settings": settings, "weights": weights, "stage": stage,
+    return {"code": CODE, "method": spec.name, "settings": settings, "weights": weights, "stage": stage,
             "data": array_digest(data["images"], data["brain"], data.get("lesion"))}
 
 
@@ -287,6 +304,78 @@ def select(spec: Spec, backbone: Backbone, train: tuple, val: dict, g: dict, cac
     return table
 
 
+def spread(pairs: list[dict], metric: str) -> dict:
+    """The two parts of a row's spread: the std over lesion seeds of the per-lesion-seed means (over noise
+    seeds), and the mean over lesion seeds of the std over noise seeds (None for a noise-free scorer)."""
+    by_lesion: dict[int, list[float]] = {}
+    for p in pairs:
+        by_lesion.setdefault(p["lesion_seed"], []).append(float(p[metric]))
+    means = [float(np.mean(v)) for v in by_lesion.values()]
+    noise = [float(np.std(v, ddof=1)) for v in by_lesion.values() if len(v) > 1]
+    return {"lesion_seeds": float(np.std(means, ddof=1)) if len(means) > 1 else 0.0,
+            "noise_seeds": float(np.mean(noise)) if noise else None}
+
+
+class Scoring:
+    """Fitted scorers and their (cached) maps per (method, noise seed); ``None`` = a noise-free scorer."""
+
+    def __init__(self, specs: list[Spec], best: dict, nets: dict, train: tuple, cache: MapCache, dae_info: dict,
+                 noise_seeds: list[int]) -> None:
+        self.specs, self.best, self.nets, self.train = specs, best, nets, train
+        self.cache, self.dae_info, self.seeds = cache, dae_info, list(noise_seeds)
+        self.scorers: dict[tuple[str, int | None], Any] = {}
+        self.fit_seconds: dict[str, float] = {}
+        self.healthy_maps: dict[tuple[str, int | None], np.ndarray] = {}
+
+    def noise_seeds_of(self, spec: Spec) -> list[int | None]:
+        return self.seeds if spec.noisy else [None]
+
+    def settings(self, spec: Spec, noise_seed: int | None) -> dict:
+        return {**self.best[spec.name]["settings"], **({} if noise_seed is None else {"seed": noise_seed})}
+
+    def calls(self, spec: Spec) -> int:
+        """U-Net calls per slice (an unfitted scorer knows it)."""
+        return spec.factory(self.nets[spec.name], self.settings(spec, None)).unet_calls_per_image
+
+    def scorer(self, spec: Spec, noise_seed: int | None) -> Any:
+        """The scorer with this noise seed, fitted on the healthy train slices on first use."""
+        key = (spec.name, noise_seed)
+        if key not in self.scorers:
+            scorer = spec.factory(self.nets[spec.name], self.settings(spec, noise_seed))
+            start = time.perf_counter()
+            if spec.needs_fit:
+                scorer.fit(*self.train)
+            self.fit_seconds[spec.name] = round(time.perf_counter() - start, 2)
+            self.scorers[key] = scorer
+        return self.scorers[key]
+
+    def maps(self, spec: Spec, noise_seed: int | None, stage: str, data: dict) -> dict:
+        key = cache_key(spec, self.settings(spec, noise_seed), self.nets[spec.name], stage, data, self.dae_info)
+        return self.cache.get(key, lambda: timed_score(self.scorer(spec, noise_seed), data["images"], data["brain"]))
+
+    def score_tests(self, tests: dict, lesion_seeds: list[int], healthy: dict, progress: bool) -> tuple:
+        """Metrics of every (lesion seed, noise seed) run per method, seconds per slice, and figure maps."""
+        pairs = {spec.name: [] for spec in self.specs}
+        seconds = {spec.name: [] for spec in self.specs}
+        figure_maps = {}
+        for ls in lesion_seeds:  # methods interleaved within each run: timings see the same machine state
+            test = tests[ls]
+            for ns in self.seeds:
+                for spec in tqdm(self.specs, desc=f"test lesion seed {ls}, noise seed {ns}", disable=not progress):
+                    if not spec.noisy and ns != self.seeds[0]:
+                        continue
+                    nsk = ns if spec.noisy else None
+                    res = self.maps(spec, nsk, f"test-seed{ls}", test)
+                    seconds[spec.name].append(res["seconds_per_slice"])
+                    values = evaluate_anomaly(res["maps"], test["lesion"], res["scores"], test["labels"],
+                                              self.healthy_maps[(spec.name, nsk)], valid=test["brain"],
+                                              healthy_valid=healthy["brain"], fpr=0.01)
+                    pairs[spec.name].append({"lesion_seed": ls, "noise_seed": nsk, **{m: values[m] for m in METRICS}})
+                    if ls == lesion_seeds[0] and ns == self.seeds[0]:
+                        figure_maps[spec.name] = res["maps"]
+        return pairs, seconds, figure_maps
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     g, progress = args.grid, not args.quiet
@@ -300,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         train, val_slices, test_slices = (take(load_split(s), n[s]) for s in ("train", "val", "test"))
         val = build_set(val_slices, g["copies"], SEEDS["val_aug"], SEEDS["val_lesions"])
         healthy = build_set(val_slices, g["copies"], SEEDS["healthy_aug"], None)
-        tests = {s: build_set(test_slices, g["copies"], SEEDS["test_aug"], SEEDS["test_lesions"] * (s + 1))
+        tests = {s: build_set(test_slices, g["test_copies"], SEEDS["test_aug"], SEEDS["test_lesions"] * (s + 1))
                  for s in g["seeds"]}
     backbone = load_backbone(args.backbone)
     dae_info: dict = {}
@@ -328,56 +417,30 @@ def main(argv: Sequence[str] | None = None) -> dict:
         specs.append(Spec(name, spec.factory, [], spec.needs_fit, kind="control"))
         best[name] = {**best[spec.name], "method": name}
 
-    scorers, fit_seconds, healthy_maps, fitted = {}, {}, {}, set()
     nets = {spec.name: random_backbone if spec.kind == "control" else backbone for spec in specs}
-
-    def fitted_scorer(spec: Spec) -> Any:
-        """The spec's scorer, fitted on first use (a fully cached run never fits)."""
-        if spec.name not in fitted:
-            start = time.perf_counter()
-            if spec.needs_fit:
-                scorers[spec.name].fit(*train)
-            fit_seconds[spec.name] = time.perf_counter() - start
-            fitted.add(spec.name)
-        return scorers[spec.name]
-
-    def cached_maps(spec: Spec, stage: str, data: dict) -> dict:
-        key = cache_key(spec, best[spec.name]["settings"], nets[spec.name], stage, data, dae_info)
-        return cache.get(key, lambda: timed_score(fitted_scorer(spec), data["images"], data["brain"]))
-
+    scoring = Scoring(specs, best, nets, train, cache, dae_info, g["noise_seeds"])
     with watch("fit + healthy validation maps"):
         for spec in tqdm(specs, desc="fit", disable=not progress):
-            scorers[spec.name] = spec.factory(nets[spec.name], best[spec.name]["settings"])
-            healthy_maps[spec.name] = cached_maps(spec, "healthy", healthy)["maps"]
-    metrics = {spec.name: {m: [] for m in METRICS} for spec in specs}
-    seconds = {spec.name: [] for spec in specs}
-    figure_maps = {}
+            for ns in scoring.noise_seeds_of(spec):
+                scoring.healthy_maps[(spec.name, ns)] = scoring.maps(spec, ns, "healthy", healthy)["maps"]
     with watch("test scoring"):
-        for seed in g["seeds"]:  # methods interleaved within each seed: timings see the same machine state
-            test = tests[seed]
-            for spec in tqdm(specs, desc=f"test seed {seed}", disable=not progress):
-                res = cached_maps(spec, f"test-seed{seed}", test)
-                seconds[spec.name].append(res["seconds_per_slice"])
-                values = evaluate_anomaly(res["maps"], test["lesion"], res["scores"], test["labels"],
-                                          healthy_maps[spec.name], valid=test["brain"],
-                                          healthy_valid=healthy["brain"], fpr=0.01)
-                for m in METRICS:
-                    metrics[spec.name][m].append(values[m])
-                if seed == g["seeds"][0]:
-                    figure_maps[spec.name] = res["maps"]
+        pairs, seconds, figure_maps = scoring.score_tests(tests, g["seeds"], healthy, progress)
 
     reference = specs[0].name  # AnoDDPM-style, Gaussian
     rows = []
     for spec in specs:
         sec = float(np.median(seconds[spec.name]))
+        ps = pairs[spec.name]
         rows.append({"method": spec.name, "kind": spec.kind, "settings": best[spec.name]["settings"],
-                     "unet_calls_per_slice": int(scorers[spec.name].unet_calls_per_image),
-                     "seconds_per_slice": sec, "seconds_per_slice_per_seed": seconds[spec.name],
+                     "unet_calls_per_slice": int(scoring.calls(spec)),
+                     "seconds_per_slice": sec, "seconds_per_slice_per_run": seconds[spec.name],
                      "time_ratio_to_anoddpm": sec / float(np.median(seconds[reference])),
-                     "fit_seconds": round(fit_seconds[spec.name], 2) if spec.name in fit_seconds else None,
+                     "fit_seconds": scoring.fit_seconds.get(spec.name),
                      # controls reuse the pretrained row's settings; they were not scored on validation
                      "val_pixel_auprc": None if spec.kind == "control" else best[spec.name]["val_pixel_auprc"],
-                     **{m: mean_std(metrics[spec.name][m]) for m in METRICS}})
+                     "runs": [{"lesion_seed": p["lesion_seed"], "noise_seed": p["noise_seed"]} for p in ps],
+                     **{m: mean_std([p[m] for p in ps]) for m in METRICS},
+                     "spread": {m: spread(ps, m) for m in METRICS}})
     targets = compute_targets(rows, headline.name, args.quick)
 
     from anomaly_figures import plot_maps  # noqa: E402  (matplotlib only when needed)
@@ -404,9 +467,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     "seconds_per_slice": "median over seeds of scoring time / test slices, this process, interleaved"},
         "rows": rows, "headline": headline.name, "targets": targets, "dae": dae_info,
         "selection_table": table, "figure": fig_path.name, "notes": notes(g, args.quick),
+        "code_digest": CODE,
         "map_cache": {"root": None if cache.root is None else str(cache.root), "entries_reused": cache.hits,
-                      "note": ("reused entries carry the seconds per slice measured when they were computed "
-                               "(an earlier, interrupted run of the same command)")},
+                      "note": ("entries are keyed by code_digest; reused entries carry the seconds per slice "
+                               "measured when they were computed (an earlier, interrupted run of the same code)")},
     }
     path = write_json(payload, out)
     if progress:
@@ -451,9 +515,12 @@ def notes(g: dict, quick: bool) -> list[str]:
         "defaults (6 octaves, persistence 0.8, frequency 64 px) in the forward jump and every reverse step; "
         "only the post-processing (erosion, median) is chosen on validation, as for every row.",
         "simplex-f16: simplex noise with a 16 px coarsest lattice, AnoDDPM's 64 px at 256^2 scaled to 64^2.",
-        "Reconstruction scorers draw their noise per image, seeded from seed 0 and a hash of the image (so maps do "
-        "not depend on the batch); the seeds vary the lesion generator only (lesion placement, kind and which "
-        "images are lesioned), not the augmentation or the scorer seed.",
+        "Reconstruction scorers draw their noise per image, seeded from the noise seed and a hash of the image (so "
+        "maps do not depend on the batch). Lesion seeds vary the lesion generator (placement, kind and which images "
+        "are lesioned); noise seeds vary every noise draw of a scorer and what it fits on healthy data (feature "
+        "memory banks, ensemble statistics, calibration bins). Means and stds are over all lesion x noise seed "
+        "runs; 'spread' splits the std into its lesion-seed and noise-seed parts. Settings are chosen on validation "
+        "with noise seed 0. The augmentation and the DAE's training seed are fixed.",
         "Control: a randomly initialised U-Net of the same architecture. MONAI zero-initialises the output "
         "convolution, so a fresh U-Net predicts eps = 0: its x0 estimate is x_t / sqrt(abar_t) (clipped), an honest "
         "'no learned prior' control for reconstruction scorers; its feature maps are random features.",

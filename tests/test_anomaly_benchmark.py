@@ -69,8 +69,10 @@ def test_quick_benchmark_has_every_row_and_column(tmp_path, monkeypatch):
     for name, r in rows.items():
         for column in bench.METRICS:
             assert set(r[column]) >= {"mean", "std", "values"}, (name, column)
-            assert len(r[column]["values"]) == len(g["seeds"])
+            runs = len(g["seeds"]) * (1 if name.startswith("DAE") else len(g["noise_seeds"]))
+            assert len(r[column]["values"]) == len(r["runs"]) == runs, (name, column)
             assert np.isfinite(r[column]["mean"])
+            assert (r["spread"][column]["noise_seeds"] is None) == name.startswith("DAE"), (name, column)
         assert r["seconds_per_slice"] > 0 and np.isfinite(r["time_ratio_to_anoddpm"])
         s = r["settings"]
         if name.startswith("x0") or s.get("reverse") == "x0":
@@ -114,3 +116,43 @@ def test_dae_is_cached_by_its_settings(tmp_path):
     assert (dae.erode, dae.median) == (1, 3)
     bench.dae_factory(train, 2, tmp_path, other, progress=False)  # other steps: another cache entry
     assert other["cache"] != first["cache"]
+
+
+def test_noise_seeds_change_the_maps_and_the_code_keys_the_cache(tmp_path, monkeypatch):
+    """Each noise seed is its own run (different maps for a noisy scorer), and a cache written by other code
+    is never read: changing the code digest recomputes every map."""
+    backbone_dir = tmp_path / "backbone"
+    make_backbone("2d-2level").save(backbone_dir)
+    monkeypatch.setattr(bench, "load_split", fake_split)
+    argv = ["--quick", "--backbone", str(backbone_dir), "--cache-dir", str(tmp_path / "cache"),
+            "--map-cache", str(tmp_path / "maps"), "--out", str(tmp_path / "a.json"), "--threads", "1", "--quiet"]
+    rows = {r["method"]: r for r in bench.main(argv)["rows"]}
+    x0 = rows["x0 single step, L=100"]
+    assert [r["noise_seed"] for r in x0["runs"]] == bench.QUICK["noise_seeds"]
+    first, second = x0["pixel_auprc"]["values"]
+    assert first != second  # the noise seed reaches the scorer
+    calls = []
+    original = bench.timed_score
+    monkeypatch.setattr(bench, "timed_score", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(bench, "CODE", "another-code-version")
+    again = bench.main(argv)
+    assert again["map_cache"]["entries_reused"] == 0 and len(calls) > 0
+
+
+def test_reproduce_check_pairs_means_and_flags_a_shift(tmp_path):
+    import reproduce_check
+
+    def result(auprc: float) -> dict:
+        return {"rows": [{"method": "a", "pixel_auprc": {"mean": auprc, "std": 0.01, "values": [1]}},
+                         {"method": "b", "pixel_auprc": {"mean": 0.5, "std": 0.0}}]}
+
+    (tmp_path / "one.json").write_text(json.dumps(result(0.100)))
+    (tmp_path / "two.json").write_text(json.dumps(result(0.105)))
+    (tmp_path / "far.json").write_text(json.dumps(result(0.150)))
+    assert reproduce_check.main([str(tmp_path / "one.json"), str(tmp_path / "two.json")]) == 0
+    report = json.loads((tmp_path / "one_reproduction.json").read_text())
+    assert report["compared"] == 2 and report["all_reproduced"]
+    assert reproduce_check.main([str(tmp_path / "one.json"), str(tmp_path / "far.json"),
+                                 "--out", str(tmp_path / "r.json")]) == 1
+    bad = [e for e in json.loads((tmp_path / "r.json").read_text())["entries"] if not e["reproduced"]]
+    assert [e["path"] for e in bad] == ["/rows[a]/pixel_auprc"]
