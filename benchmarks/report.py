@@ -107,13 +107,19 @@ def anomaly(name: str = "anomaly_brain.json") -> list[str]:
     data = _load(RESULTS / name)
     if not data:
         return []
+    noise_seeds = data["grid"].get("noise_seeds", [0])
     lines = [f"**Brain MRI anomaly detection** (`{data['command']}`; `benchmarks/results/{name}`, figure "
-             f"`{data['figure']}`; test: {data['data']['slices']['test']} held-out slices x lesion copies, mean +- std "
-             f"over lesion seeds {data['seeds']}; settings chosen on validation)", "",
-             "| method | U-Net calls / slice | pixel AUPRC | best Dice | Dice @ 1% healthy FPR | pixel AUROC | "
-             "image AUROC | s / slice | time vs AnoDDPM |", "|---|---|---|---|---|---|---|---|---|"]
+             f"`{data['figure']}`; test: {data['data']['slices']['test']} held-out slices x lesion copies; mean +- std "
+             f"over lesion seeds {data['seeds']} x noise seeds {noise_seeds} (noise-free rows: lesion seeds only); "
+             "AUPRC spread = std over lesion seeds / mean std over noise seeds; settings chosen on validation)", "",
+             "| method | U-Net calls / slice | pixel AUPRC | AUPRC spread (lesion / noise) | best Dice | "
+             "Dice @ 1% healthy FPR | pixel AUROC | image AUROC | s / slice | time vs AnoDDPM |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
-        lines.append(f"| {r['method']} | {r['unet_calls_per_slice']} | {_pm(r['pixel_auprc'], digits=3)} | "
+        part = r.get("spread", {}).get("pixel_auprc", {})
+        noise = "-" if part.get("noise_seeds") is None else f"{part['noise_seeds']:.3f}"
+        spread = f"{part['lesion_seeds']:.3f} / {noise}" if part else "-"
+        lines.append(f"| {r['method']} | {r['unet_calls_per_slice']} | {_pm(r['pixel_auprc'], digits=3)} | {spread} | "
                      f"{_pm(r['best_dice'], digits=3)} | {_pm(r['dice_at_fpr'], digits=3)} | "
                      f"{_pm(r['pixel_auroc'], digits=3)} | {_pm(r['image_auroc'], digits=3)} | "
                      f"{r['seconds_per_slice']:.3f} | {r['time_ratio_to_anoddpm']:.3f} |")
