@@ -54,3 +54,18 @@ def test_load_yaml_errors_name_the_file(content, match, tmp_path: Path):
         load_yaml(tmp_path / "bad.yaml")
     with pytest.raises(IsADirectoryError, match="expected a YAML file, got the directory"):
         load_yaml(tmp_path)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"norm_num_groups": 0}, r"norm_num_groups: expected integers >= 1, got 0"),  # was a ZeroDivisionError
+    ({"channels": (), "attention_levels": ()}, r"channels: expected a non-empty list of integers, got \(\)"),
+    ({"channels": (0, 16, 16)}, r"channels: expected integers >= 1, got \(0, 16, 16\)"),
+    ({"num_res_blocks": 0}, r"num_res_blocks: expected integers >= 1, got 0"),
+    ({"num_res_blocks": (1, 1)}, r"num_res_blocks: expected one integer or 3 \(one per channels entry\), got \(1, 1\)"),
+    ({"num_head_channels": (32,)}, r"num_head_channels: expected one integer or 3 \(one per channels entry\)"),
+])
+def test_unet_sizes_monai_would_reject_are_named_before_building(kwargs, match):
+    from diffrep.backbones import UNetConfig
+
+    with pytest.raises(ValueError, match=match):
+        UNetConfig(**kwargs).validate()
