@@ -247,6 +247,8 @@ def test_non_finite_weights_are_never_saved_or_exported(tmp_path):
     ({"data": {"dataset": "fmnist", "pad_to": 20}}, r"data\.pad_to: expected None or >= the Fashion-MNIST size 28"),
     ({"backbone": {"unet": {"in_channels": 3}}}, r"backbone\.unet\.in_channels: expected 1 for data .*got 3"),
     ({"backbone": {"unet": {"spatial_dims": 3}}}, r"backbone\.unet\.spatial_dims: expected 2 for data .*got 3"),
+    ({"name": "../elsewhere"}, r"name: expected a non-empty name without '/' .*got '\.\./elsewhere'"),
+    ({"name": ""}, r"name: expected a non-empty name"),
 ])
 def test_the_whole_recipe_is_validated_before_step_1(change, match, tmp_path):
     recipe = to_dict(tiny_recipe())

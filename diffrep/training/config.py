@@ -85,6 +85,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check the whole recipe before step 1: every value, and that the U-Net can take the data."""
+        if not self.name or self.name != Path(self.name).name or self.name in (".", ".."):
+            raise ValueError(f"name: expected a non-empty name without '/' (the default run directory is "
+                             f"runs/NAME), got {self.name!r}")
         self.data.validate()
         self.backbone.validate()
         self.optim.validate()

@@ -72,7 +72,10 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, max_st
     """Train (or resume) the recipe ``config`` into ``out_dir``; return the exported backbone directory.
 
     ``max_steps`` stops this invocation at that global step without changing the recipe's LR
-    schedule, so a long run can be split over sessions with ``resume=True``.
+    schedule, so a long run can be split over sessions with ``resume=True``. Without ``resume``, an
+    ``out_dir`` that already holds a run is refused (FileExistsError) before any work. A non-finite
+    loss, gradient or weight stops training with ``DivergenceError`` naming the step; the last
+    checkpoint on disk (always finite) is kept and no backbone is exported.
     """
     config.validate()
     for key, value in (("max_steps (--max-steps)", max_steps), ("num_threads (--threads)", num_threads)):
