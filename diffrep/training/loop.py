@@ -109,16 +109,8 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, max_steps: int | No
     if config.init_from is not None and not resume:
         ema_step_offset = warm_start(config, model, ema)
     if resume:
-        state = load_state(state_path)
-        if not same_recipe(state["recipe"], to_dict(config)):
-            raise ValueError(f"--resume: the recipe differs from the one in {state_path}; resume with the same config")
-        model.load_state_dict(state["model"])
-        ema.module.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_schedule"])
-        torch.set_rng_state(state["torch_rng"])
-        step = saved_step = int(state["step"])
-        ema_step_offset = int(state.get("ema_step_offset", 0))
+        step, ema_step_offset = _resume(config, state_path, model, ema, optimizer, lr_schedule)
+        saved_step = step
     data = data or build_training_data(config.data, config.seed)
     check_data_fits(config.backbone.unet, channels=data.images.shape[1], spatial=tuple(data.images.shape[2:]),
                     what=f"the training images of shape {tuple(data.images.shape)}")
@@ -173,6 +165,20 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, max_steps: int | No
         _export(config, backbone, ema, fresh_state, data, step, out_dir, export_dir)
     barrier(ctx)
     return export_dir
+
+
+def _resume(config: TrainConfig, state_path: Path, model: torch.nn.Module, ema: ModelEmaV3,
+            optimizer: torch.optim.Optimizer, lr_schedule: CosineLRScheduler) -> tuple[int, int]:
+    """Load the training state at ``state_path`` into the run; returns (step, EMA step offset)."""
+    state = load_state(state_path)
+    if not same_recipe(state["recipe"], to_dict(config)):
+        raise ValueError(f"--resume: the recipe differs from the one in {state_path}; resume with the same config")
+    model.load_state_dict(state["model"])
+    ema.module.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    lr_schedule.load_state_dict(state["lr_schedule"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"]), int(state.get("ema_step_offset", 0))
 
 
 def _export(config: TrainConfig, backbone: Backbone, ema: ModelEmaV3, fresh_state: dict, data: TrainingData,
