@@ -15,7 +15,6 @@ from typing import Callable
 
 import numpy as np
 import pytest
-import yaml
 
 from diffrep.backbones import save_backbone
 from diffrep.cli import main
@@ -58,6 +57,8 @@ CASES_EXTRACT = [
 # ----------------------------------------------------------------------------------------- train
 def _recipe(tmp: Path, changes: dict | None = None, name: str = "r.yaml") -> str:
     """A tiny synthetic training recipe written as YAML under ``tmp``; ``changes`` maps 'a.b' keys to values."""
+    import yaml
+
     recipe = {"name": "tiny", "max_steps": 4, "checkpoint_every": 2, "log_every": 2, "sample_steps": 2,
               "eval_timesteps": [10, 500], "data": {"dataset": "synthetic", "size": 16, "synthetic_count": 24},
               "backbone": {"unet": {"channels": [8, 16], "attention_levels": [False, False], "norm_num_groups": 8,
