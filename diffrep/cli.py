@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a DDPM from a recipe (works under torchrun)")
     p.add_argument("--config", required=True)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (needed when --out already holds one)")
     p.add_argument("--max-steps", type=int, default=None, help="stop at this global step (the LR schedule stays the recipe's)")
     p.add_argument("--out", default=None, help="run directory (default runs/NAME)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

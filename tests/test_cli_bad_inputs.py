@@ -55,7 +55,101 @@ CASES_EXTRACT = [
 ]
 
 # ----------------------------------------------------------------------------------------- train
-CASES_TRAIN: list[Case] = []
+def _recipe(tmp: Path, changes: dict | None = None, name: str = "r.yaml") -> str:
+    """A tiny synthetic training recipe written as YAML under ``tmp``; ``changes`` maps 'a.b' keys to values."""
+    import yaml
+
+    recipe = {"name": "tiny", "max_steps": 4, "checkpoint_every": 2, "log_every": 2, "sample_steps": 2,
+              "eval_timesteps": [10, 500], "data": {"dataset": "synthetic", "size": 16, "synthetic_count": 24},
+              "backbone": {"unet": {"channels": [8, 16], "attention_levels": [False, False], "norm_num_groups": 8,
+                                    "num_head_channels": 8}},
+              "optim": {"batch_size": 4, "warmup_steps": 2}}
+    for dotted, value in (changes or {}).items():
+        *parents, key = dotted.split(".")
+        node = recipe
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[key] = value
+    (tmp / name).write_text(yaml.safe_dump(recipe))
+    return str(tmp / name)
+
+
+def _train_argv(tmp: Path, changes: dict | None = None, *extra: str) -> list[str]:
+    return ["train", "--config", _recipe(tmp, changes), "--out", str(tmp / "run"), *extra]
+
+
+def _fake_run(tmp: Path, finished: bool) -> list[str]:
+    """A run directory as `diffrep train` leaves it (finished: with backbone/); the harness checks it is unchanged."""
+    run = tmp / "run"
+    run.mkdir()
+    (run / "train_state.pt").write_bytes(b"state of the earlier run")
+    (run / "log.jsonl").write_text('{"step": 2, "loss": 0.5}\n')
+    if finished:
+        (run / "backbone").mkdir()
+        (run / "backbone" / "config.json").write_text("{}")
+    return _train_argv(tmp)
+
+
+def _write(tmp: Path, content: bytes, name: str = "r.yaml") -> str:
+    (tmp / name).write_bytes(content)
+    return str(tmp / name)
+
+
+CASES_TRAIN = [
+    Case("train-missing-config", lambda tmp, ckpt: ["train", "--config", str(tmp / "none.yaml"), "--out", str(tmp / "run")],
+         r"config file not found: \S*none\.yaml"),
+    Case("train-config-is-a-folder", lambda tmp, ckpt: ["train", "--config", str(tmp), "--out", str(tmp / "run")],
+         r"config file: expected a YAML file, got the directory"),
+    Case("train-config-not-a-mapping", lambda tmp, ckpt: ["train", "--config", _write(tmp, b"- a\n- b\n")],
+         r"r\.yaml: expected a YAML mapping at the top level, got list"),
+    Case("train-garbled-yaml", lambda tmp, ckpt: ["train", "--config", _write(tmp, b"name: [tiny\nmax_steps: 4\n")],
+         r"r\.yaml: not valid YAML"),
+    Case("train-undecodable-config", lambda tmp, ckpt: ["train", "--config", _write(tmp, b"name: \xff\xfe\x00\x81")],
+         r"r\.yaml: expected a UTF-8 YAML text file"),
+    Case("train-unknown-key", lambda tmp, ckpt: _train_argv(tmp, {"optim.learning_rate": 0.1}),
+         r"r\.yaml: recipe\.optim: unknown key\(s\) \['learning_rate'\] for OptimConfig; valid keys are"),
+    Case("train-unknown-dataset", lambda tmp, ckpt: _train_argv(tmp, {"data.dataset": "cifar"}),
+         r"r\.yaml: data\.dataset: expected 'fmnist', 'brain' or 'synthetic', got 'cifar'"),
+    Case("train-max-steps-0", lambda tmp, ckpt: _train_argv(tmp, None, "--max-steps", "0"),
+         r"--max-steps\): expected an integer >= 1, got 0"),
+    Case("train-threads-0", lambda tmp, ckpt: _train_argv(tmp, None, "--threads", "0"),
+         r"--threads\): expected an integer >= 1, got 0"),
+    Case("train-log-every-0", lambda tmp, ckpt: _train_argv(tmp, {"log_every": 0}),
+         r"r\.yaml: log_every: expected an integer >= 1, got 0"),
+    Case("train-checkpoint-every-0", lambda tmp, ckpt: _train_argv(tmp, {"checkpoint_every": 0}),
+         r"r\.yaml: checkpoint_every: expected an integer >= 1, got 0"),
+    Case("train-eval-timesteps-out-of-range", lambda tmp, ckpt: _train_argv(tmp, {"eval_timesteps": [10, 1000]}),
+         r"r\.yaml: eval_timesteps: expected a non-empty list of timesteps in 0\.\.999 .*got \[10, 1000\]"),
+    Case("train-lr-negative", lambda tmp, ckpt: _train_argv(tmp, {"optim.lr": -0.001}),
+         r"r\.yaml: optim\.lr: expected a finite number > 0, got -0\.001"),
+    Case("train-lr-a-word", lambda tmp, ckpt: _train_argv(tmp, {"optim.lr": "fast"}),
+         r"r\.yaml: recipe\.optim\.lr: expected a number, got 'fast' \(str\)"),
+    Case("train-channels-a-string", lambda tmp, ckpt: _train_argv(tmp, {"backbone.unet.channels": "16,32"}),
+         r"recipe\.backbone\.unet\.channels: expected a list of integers, got '16,32' \(str\)"),
+    Case("train-steps-not-an-integer", lambda tmp, ckpt: _train_argv(tmp, {"max_steps": 1.5}),
+         r"recipe\.max_steps: expected an integer, got 1\.5 \(float\)"),
+    Case("train-boolean-for-an-integer", lambda tmp, ckpt: _train_argv(tmp, {"optim.batch_size": True}),
+         r"recipe\.optim\.batch_size: expected an integer, got True \(bool\)"),
+    Case("train-attention-levels-wrong-length", lambda tmp, ckpt: _train_argv(tmp, {"backbone.unet.attention_levels": [False]}),
+         r"r\.yaml: attention_levels: expected 2 entries \(one per channels entry\), got 1"),
+    Case("train-norm-groups-0", lambda tmp, ckpt: _train_argv(tmp, {"backbone.unet.norm_num_groups": 0}),
+         r"r\.yaml: norm_num_groups: expected integers >= 1, got 0"),
+    Case("train-res-blocks-wrong-length", lambda tmp, ckpt: _train_argv(tmp, {"backbone.unet.num_res_blocks": [1, 1, 1]}),
+         r"r\.yaml: num_res_blocks: expected one integer or 2 \(one per channels entry\), got \(1, 1, 1\)"),
+    Case("train-size-the-unet-cannot-take", lambda tmp, ckpt: _train_argv(tmp, {"data.size": 15}),
+         r"r\.yaml: data \(synthetic, 15x15, 1 channel\): the image size must be divisible by 2"),
+    Case("train-channels-the-data-lacks", lambda tmp, ckpt: _train_argv(tmp, {"backbone.unet.in_channels": 3}),
+         r"r\.yaml: backbone\.unet\.in_channels: expected 1 for data \(synthetic, 16x16, 1 channel\), got 3"),
+    Case("train-finished-run-without-resume", lambda tmp, ckpt: _fake_run(tmp, finished=True),
+         r"run already holds a training run \(train_state\.pt, log\.jsonl, backbone\); pass --resume .*another --out"),
+    Case("train-interrupted-run-without-resume", lambda tmp, ckpt: _fake_run(tmp, finished=False),
+         r"run already holds a training run \(train_state\.pt, log\.jsonl\); pass --resume"),
+    Case("train-resume-without-a-state", lambda tmp, ckpt: _train_argv(tmp, None, "--resume"),
+         r"--resume: no training state at \S*run/train_state\.pt"),
+    Case("train-diverges", lambda tmp, ckpt: _train_argv(tmp, {"optim.lr": 1e6, "max_steps": 40}),
+         r"training diverged at step \d+: loss nan.*train_state\.pt \(step \d+\), is kept; no backbone was exported",
+         may_write=True),
+]
 
 # ---------------------------------------------------------------------------------- import-monai
 CASES_IMPORT: list[Case] = []

@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from diffrep import load_backbone
-from diffrep.config import to_dict
+from diffrep.config import from_dict, to_dict
 from diffrep.training import TrainConfig, load_train_config, train
 from diffrep.training.config import DataConfig, OptimConfig
 from diffrep.backbones import BackboneConfig
@@ -81,19 +81,19 @@ def test_warm_start_continues_from_another_run(tmp_path):
     train(tiny_recipe(), tmp_path / "first", progress=False)
     first = _state(tmp_path / "first")
     config = _warm_recipe(tmp_path / "first" / "train_state.pt")
-    config.optim.lr = 0.0  # the weights stay where the warm start put them; the EMA follows its formula
+    config.optim.lr = 1e-30  # (> 0 is required) the weights stay where the warm start put them; the EMA follows its formula
     train(config, tmp_path / "second", max_steps=1, progress=False)
     train(config, tmp_path / "second", resume=True, progress=False)  # a warm-started run resumes as usual
     second = _state(tmp_path / "second")
     assert second["step"] == 2 and second["recipe"]["init_from"] == config.init_from
     decay = config.optim.ema_decay ** 2
     for key, value in first["model"].items():
-        assert torch.equal(second["model"][key], value), key
+        torch.testing.assert_close(second["model"][key], value, rtol=0, atol=1e-20, msg=key)
         if value.is_floating_point():
             expected = decay * first["ema"][key] + (1 - decay) * value
             assert torch.allclose(second["ema"][key], expected, atol=1e-6), key
     cold = tiny_recipe(max_steps=2)
-    cold.optim.lr = 0.0
+    cold.optim.lr = 1e-30
     train(cold, tmp_path / "cold", progress=False)
     assert not all(torch.equal(_state(tmp_path / "cold")["model"][k], v) for k, v in first["model"].items())
 
@@ -177,3 +177,108 @@ def test_trains_end_to_end_on_the_real_datasets(dataset, tmp_path):
     assert prov["steps"] == 2 and prov["complete"] is True
     expected = "fashion-mnist" if dataset == "fmnist" else "mni152-2009a-axial"
     assert prov["data"]["dataset"] == expected
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_training_into_an_existing_run_without_resume_is_refused_and_changes_nothing(tmp_path):
+    config = tiny_recipe(max_steps=2)
+    train(config, tmp_path / "done", progress=False)  # finished
+    train(config, tmp_path / "half", max_steps=1, progress=False)  # interrupted
+    for run in ("done", "half"):
+        before = _tree(tmp_path / run)
+        with pytest.raises(FileExistsError, match=rf"{run} already holds a training run .*pass --resume .*another --out"):
+            train(tiny_recipe(max_steps=4), tmp_path / run, progress=False)
+        assert _tree(tmp_path / run) == before, run
+    train(config, tmp_path / "half", resume=True, progress=False)  # --resume still continues it
+    assert _state(tmp_path / "half")["step"] == 2
+
+
+def test_divergence_stops_with_the_step_and_keeps_the_last_finite_checkpoint(tmp_path):
+    from diffrep.training.guard import DivergenceError
+
+    config = tiny_recipe(max_steps=40)
+    config.optim.lr = 1e6
+    config.checkpoint_every = 2
+    with pytest.raises(DivergenceError, match=r"diverged at step (\d+): loss nan.*train_state.pt \(step \d+\), is kept"):
+        train(config, tmp_path / "run", progress=False)
+    state = _state(tmp_path / "run")
+    assert 1 <= state["step"] < 40
+    for part in ("model", "ema"):
+        assert all(torch.isfinite(v).all() for v in state[part].values()), part
+    assert not (tmp_path / "run" / "backbone").exists() and not (tmp_path / "run" / "heldout_losses.json").exists()
+    config.checkpoint_every = 100  # diverging before the first checkpoint: nothing to keep, nothing exported
+    with pytest.raises(DivergenceError, match=r"No checkpoint was written"):
+        train(config, tmp_path / "early", progress=False)
+    assert not (tmp_path / "early" / "train_state.pt").exists() and not (tmp_path / "early" / "backbone").exists()
+
+
+def test_non_finite_weights_are_never_saved_or_exported(tmp_path):
+    from diffrep.training.guard import DivergenceError, check_weights_finite
+
+    train(tiny_recipe(max_steps=2), tmp_path / "run", progress=False)
+    state = _state(tmp_path / "run")
+    key = next(k for k, v in state["ema"].items() if v.is_floating_point())
+    state["ema"][key][0] = float("inf")
+    with pytest.raises(DivergenceError, match=rf"1 EMA tensor\(s\) are not finite, e.g. \['{key}'\]"):
+        check_weights_finite(state["ema"], "EMA", 2, "kept")
+    torch.save(state, tmp_path / "run" / "train_state.pt")  # a resumed NaN state is not re-exported
+    before = _tree(tmp_path / "run" / "backbone")
+    with pytest.raises(DivergenceError, match="EMA tensor"):
+        train(tiny_recipe(max_steps=2), tmp_path / "run", resume=True, progress=False)
+    assert _tree(tmp_path / "run" / "backbone") == before
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"log_every": 0}, r"log_every: expected an integer >= 1, got 0"),
+    ({"checkpoint_every": 0}, r"checkpoint_every: expected an integer >= 1, got 0"),
+    ({"max_steps": 0}, r"max_steps: expected an integer >= 1, got 0"),
+    ({"eval_timesteps": [10, 1000]}, r"eval_timesteps: expected a non-empty list of timesteps in 0\.\.999 .*\[10, 1000\]"),
+    ({"eval_timesteps": []}, r"eval_timesteps: expected a non-empty list"),
+    ({"optim": {"lr": -1.0}}, r"optim\.lr: expected a finite number > 0, got -1\.0"),
+    ({"optim": {"lr": float("nan")}}, r"optim\.lr: expected a finite number > 0, got nan"),
+    ({"optim": {"ema_decay": 1.5}}, r"optim\.ema_decay: expected a number in \[0, 1\], got 1\.5"),
+    ({"data": {"size": 15}}, r"data \(synthetic, 15x15, 1 channel\): the image size must be divisible by 2 .*got \(15, 15\)"),
+    ({"data": {"dataset": "fmnist"}, "backbone": {"unet": {"channels": [8, 16, 16, 16],
+                                                          "attention_levels": [False] * 4}}},
+     r"data \(fmnist, 28x28, 1 channel\): the image size must be divisible by 8"),
+    ({"data": {"dataset": "fmnist", "pad_to": 20}}, r"data\.pad_to: expected None or >= the Fashion-MNIST size 28"),
+    ({"backbone": {"unet": {"in_channels": 3}}}, r"backbone\.unet\.in_channels: expected 1 for data .*got 3"),
+    ({"backbone": {"unet": {"spatial_dims": 3}}}, r"backbone\.unet\.spatial_dims: expected 2 for data .*got 3"),
+    ({"name": "../elsewhere"}, r"name: expected a non-empty name without '/' .*got '\.\./elsewhere'"),
+    ({"name": ""}, r"name: expected a non-empty name"),
+])
+def test_the_whole_recipe_is_validated_before_step_1(change, match, tmp_path):
+    recipe = to_dict(tiny_recipe())
+    for key, value in change.items():
+        if isinstance(value, dict):
+            for sub, inner in value.items():
+                recipe[key][sub] = {**recipe[key][sub], **inner} if isinstance(inner, dict) else inner
+        else:
+            recipe[key] = value
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match=r"r\.yaml: " + match):
+        load_train_config(tmp_path / "r.yaml")
+    config = from_dict(TrainConfig, recipe)
+    with pytest.raises(ValueError, match=match):  # train() validates too, before it writes anything
+        train(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_images_the_unet_cannot_take_are_refused_before_step_1(tmp_path):
+    from diffrep.training.data import TrainingData
+
+    data = TrainingData(images=torch.rand(8, 1, 17, 17), heldout=torch.rand(2, 1, 17, 17), description={})
+    with pytest.raises(ValueError, match=r"training images of shape \(8, 1, 17, 17\): the image size must be divisible by 2"):
+        train(tiny_recipe(), tmp_path / "run", progress=False, data=data)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kwargs, match", [({"max_steps": 0}, r"max_steps \(--max-steps\): expected an integer >= 1, got 0"),
+                                           ({"num_threads": 0}, r"num_threads \(--threads\): expected an integer >= 1, got 0")])
+def test_train_arguments_are_checked(kwargs, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        train(tiny_recipe(), tmp_path / "run", progress=False, **kwargs)
+    assert not (tmp_path / "run").exists()

@@ -23,6 +23,16 @@ class UNetConfig:
         """Raise ValueError for configurations MONAI would reject less clearly."""
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims: expected 2 or 3, got {self.spatial_dims}")
+        if not self.channels:
+            raise ValueError(f"channels: expected a non-empty list of integers, got {self.channels}")
+        for key in ("channels", "num_res_blocks", "num_head_channels", "norm_num_groups"):
+            value = getattr(self, key)
+            values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+            if key in ("num_res_blocks", "num_head_channels") and isinstance(value, (list, tuple)) \
+                    and len(values) != len(self.channels):
+                raise ValueError(f"{key}: expected one integer or {len(self.channels)} (one per channels entry), got {value}")
+            if any(v < 1 for v in values):
+                raise ValueError(f"{key}: expected integers >= 1, got {value}")
         if len(self.attention_levels) != len(self.channels):
             raise ValueError(
                 f"attention_levels: expected {len(self.channels)} entries (one per channels entry), "

@@ -22,10 +22,11 @@ from tqdm import tqdm
 from ..backbones.backbone import Backbone
 from ..backbones.checkpoint import save_backbone
 from ..config import to_dict
-from .config import TrainConfig
+from .config import TrainConfig, check_data_fits
 from .data import TrainingData, build_training_data
 from .distributed import DistContext, barrier, init_distributed, shutdown
 from .evaluate import heldout_losses
+from .guard import check_step_finite, check_weights_finite, describe_checkpoint, refuse_existing_run
 from .reports import write_loss_curve, write_sample_grid
 from .state import STATE_NAME, load_state, save_state
 
@@ -71,10 +72,18 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, max_st
     """Train (or resume) the recipe ``config`` into ``out_dir``; return the exported backbone directory.
 
     ``max_steps`` stops this invocation at that global step without changing the recipe's LR
-    schedule, so a long run can be split over sessions with ``resume=True``.
+    schedule, so a long run can be split over sessions with ``resume=True``. Without ``resume``, an
+    ``out_dir`` that already holds a run is refused (FileExistsError) before any work. A non-finite
+    loss, gradient or weight stops training with ``DivergenceError`` naming the step; the last
+    checkpoint on disk (always finite) is kept and no backbone is exported.
     """
     config.validate()
+    for key, value in (("max_steps (--max-steps)", max_steps), ("num_threads (--threads)", num_threads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key}: expected an integer >= 1, got {value!r}")
     out_dir = Path(out_dir)
+    if not resume:
+        refuse_existing_run(out_dir)
     if num_threads:
         torch.set_num_threads(num_threads)
     ctx = init_distributed()
@@ -95,22 +104,16 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, max_steps: int | No
                                     warmup_t=config.optim.warmup_steps, warmup_lr_init=config.optim.lr * 0.01,
                                     t_in_epochs=False)
     ema = ModelEmaV3(model, decay=config.optim.ema_decay, use_warmup=config.optim.ema_warmup)
-    step, ema_step_offset = 0, 0
+    step, ema_step_offset, saved_step = 0, 0, None
     state_path = out_dir / STATE_NAME
     if config.init_from is not None and not resume:
         ema_step_offset = warm_start(config, model, ema)
     if resume:
-        state = load_state(state_path)
-        if not same_recipe(state["recipe"], to_dict(config)):
-            raise ValueError(f"--resume: the recipe differs from the one in {state_path}; resume with the same config")
-        model.load_state_dict(state["model"])
-        ema.module.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_schedule"])
-        torch.set_rng_state(state["torch_rng"])
-        step = int(state["step"])
-        ema_step_offset = int(state.get("ema_step_offset", 0))
+        step, ema_step_offset = _resume(config, state_path, model, ema, optimizer, lr_schedule)
+        saved_step = step
     data = data or build_training_data(config.data, config.seed)
+    check_data_fits(config.backbone.unet, channels=data.images.shape[1], spatial=tuple(data.images.shape[2:]),
+                    what=f"the training images of shape {tuple(data.images.shape)}")
     net = DistributedDataParallel(model) if ctx.world_size > 1 else model
     stop = min(config.max_steps, max_steps if max_steps is not None else config.max_steps)
     log_path = out_dir / "log.jsonl"
@@ -128,7 +131,8 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, max_steps: int | No
         loss = F.mse_loss(net(x_t, timesteps), noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        check_step_finite(loss, grad_norm, step + 1, config.optim.lr, describe_checkpoint(state_path, saved_step), ctx)
         optimizer.step()
         step += 1
         ema.update(model, step=step + ema_step_offset)
@@ -144,12 +148,16 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, max_steps: int | No
                 with log_path.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
             window_loss, window_count, window_start = 0.0, 0, time.perf_counter()
-        if ctx.is_main and (step % config.checkpoint_every == 0 or step == stop):
-            save_state(state_path, {
-                "recipe": to_dict(config), "step": step, "model": model.state_dict(), "ema": ema.module.state_dict(),
-                "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
-                "torch_rng": torch.get_rng_state(), "ema_step_offset": ema_step_offset, "data_position": data.position(step, config.optim.batch_size),
-            })
+        if step % config.checkpoint_every == 0 or step == stop:
+            for what, weights in (("model", model.state_dict()), ("EMA", ema.module.state_dict())):  # same on every rank
+                check_weights_finite(weights, what, step, describe_checkpoint(state_path, saved_step))
+            if ctx.is_main:
+                save_state(state_path, {
+                    "recipe": to_dict(config), "step": step, "model": model.state_dict(), "ema": ema.module.state_dict(),
+                    "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "ema_step_offset": ema_step_offset, "data_position": data.position(step, config.optim.batch_size),
+                })
+            saved_step = step
     bar.close()
     barrier(ctx)
     export_dir = out_dir / "backbone"
@@ -159,11 +167,27 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, max_steps: int | No
     return export_dir
 
 
+def _resume(config: TrainConfig, state_path: Path, model: torch.nn.Module, ema: ModelEmaV3,
+            optimizer: torch.optim.Optimizer, lr_schedule: CosineLRScheduler) -> tuple[int, int]:
+    """Load the training state at ``state_path`` into the run; returns (step, EMA step offset)."""
+    state = load_state(state_path)
+    if not same_recipe(state["recipe"], to_dict(config)):
+        raise ValueError(f"--resume: the recipe differs from the one in {state_path}; resume with the same config")
+    model.load_state_dict(state["model"])
+    ema.module.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    lr_schedule.load_state_dict(state["lr_schedule"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"]), int(state.get("ema_step_offset", 0))
+
+
 def _export(config: TrainConfig, backbone: Backbone, ema: ModelEmaV3, fresh_state: dict, data: TrainingData,
             step: int, out_dir: Path, export_dir: Path) -> None:
     """Write the EMA backbone with full provenance, held-out losses, loss curve and sample grid."""
     trained = Backbone(copy.deepcopy(config.backbone))
-    trained.unet.load_state_dict({k: v.detach().cpu() for k, v in ema.module.state_dict().items()})
+    weights = {k: v.detach().cpu() for k, v in ema.module.state_dict().items()}
+    check_weights_finite(weights, "EMA", step, f"The training state is {out_dir / STATE_NAME}")
+    trained.unet.load_state_dict(weights)
     fresh = Backbone(copy.deepcopy(config.backbone))
     fresh.unet.load_state_dict({k: v.cpu() for k, v in fresh_state.items()})
     losses = heldout_losses(trained, data.heldout, config.eval_timesteps, seed=config.seed)
