@@ -324,3 +324,33 @@ def test_segment_cli_fit_and_predict(tmp_path):
                              "--out", str(tmp_path / "h2")])
     with pytest.raises(TypeError, match="expected an integer label map"):
         bad.func(bad)
+
+
+def test_segment_cli_ignore_index_and_overwrite(tmp_path, capsys):
+    """255 marks unlabelled pixels: a 2-class head, not 256; a fitted head or a prediction is replaced only with --overwrite."""
+    from diffrep.cli import main
+
+    from .conftest import make_backbone, make_images
+
+    backbone = make_backbone("2d-2level")
+    backbone.save(tmp_path / "bb")
+    images = make_images(backbone, n=2, size=16).numpy()[:, 0]
+    labels = (images > 0.5).astype(np.int64)
+    labels[:, :4] = 255
+    np.save(tmp_path / "x.npy", images)
+    np.save(tmp_path / "y.npy", labels)
+    fit = ["segment", "fit", str(tmp_path / "bb"), "--images", str(tmp_path / "x.npy"), "--labels",
+           str(tmp_path / "y.npy"), "--nodes", "up.1", "--timesteps", "5", "--members", "2", "--epochs", "1",
+           "--ignore-index", "255", "--out", str(tmp_path / "head")]
+    assert main(fit) == 0
+    config = json.loads((tmp_path / "head" / "head.json").read_text())
+    assert config["num_classes"] == 2 and config["params"]["ignore_index"] == 255
+    assert sum(config["class_pixel_counts"]) == int((labels != 255).sum())
+    assert main(fit) == 2 and "already holds head.json" in capsys.readouterr().err
+    assert main(fit + ["--overwrite"]) == 0
+    predict = ["segment", "predict", str(tmp_path / "head"), "--images", str(tmp_path / "x.npy"),
+               "--out", str(tmp_path / "pred.npy")]
+    assert main(predict) == 0
+    assert main(predict) == 2 and "already exists" in capsys.readouterr().err
+    assert main(predict + ["--overwrite"]) == 0
+    assert set(np.unique(np.load(tmp_path / "pred.npy"))) <= {0, 1}

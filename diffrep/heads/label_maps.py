@@ -24,6 +24,9 @@ def check_label_classes(labels: torch.Tensor | Iterable[torch.Tensor], num_class
     image); ``num_option``/``ignore_option`` name the settings in the messages (e.g. CLI flags).
     Raises ValueError giving the labels found and what was expected.
     """
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer))
+                                    or num_classes < 2):
+        raise ValueError(f"{num_option}: expected an integer >= 2 (the number of classes), got {num_classes!r}")
     parts = [labels] if isinstance(labels, torch.Tensor) else list(labels)
     found = torch.unique(torch.cat([torch.unique(p.reshape(-1)) for p in parts])) if parts else torch.zeros(0)
     if ignore_index is not None:
