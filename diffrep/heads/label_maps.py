@@ -27,13 +27,16 @@ def check_label_classes(labels: torch.Tensor | Iterable[torch.Tensor], num_class
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer))
                                     or num_classes < 2):
         raise ValueError(f"{num_option}: expected an integer >= 2 (the number of classes), got {num_classes!r}")
-    parts = [labels] if isinstance(labels, torch.Tensor) else list(labels)
-    found = torch.unique(torch.cat([torch.unique(p.reshape(-1)) for p in parts])) if parts else torch.zeros(0)
+    found: set[int] = set()
+    any_pixels = False
+    for part in [labels] if isinstance(labels, torch.Tensor) else labels:  # one image at a time, none kept
+        any_pixels = any_pixels or part.numel() > 0
+        found.update(int(v) for v in torch.unique(part).tolist())
     if ignore_index is not None:
-        found = found[found != ignore_index]
-    values = [int(v) for v in found.tolist()]
+        found.discard(int(ignore_index))
+    values = sorted(found)
     if not values:
-        unlabelled = f" (every pixel is {ignore_option} {ignore_index})" if ignore_index is not None and parts else ""
+        unlabelled = f" (every pixel is {ignore_option} {ignore_index})" if ignore_index is not None and any_pixels else ""
         raise ValueError(f"{name}: expected at least one labelled pixel, got none{unlabelled}")
     ignore_hint = f" or {ignore_option} {ignore_index}" if ignore_index is not None else ""
     if num_classes is not None:
