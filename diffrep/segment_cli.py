@@ -4,6 +4,8 @@ fit: images (.npy) + label maps (.npy) -> pixel descriptors streamed to an on-di
 PixelClassifier trained within a pixel budget -> ``OUT/head.safetensors`` + ``OUT/head.json``
 (the JSON records backbone, nodes, timesteps, noise and seed, so predict needs no repeated flags).
 predict: head directory + images -> label maps (.npy), optionally the uncertainty maps.
+Neither command replaces what it would write over (a fitted head, an existing .npy) without
+``--overwrite``, and no output may be one of the inputs.
 Wire into the main parser with ``add_segment_cli(subparsers)``.
 """
 from __future__ import annotations
@@ -40,6 +42,31 @@ def _threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(int(args.threads))
 
 
+def _load_labels(path: str) -> np.ndarray:
+    """The --labels array; a wrong suffix, a missing or an unreadable file is refused naming it."""
+    if not str(path).endswith(".npy"):
+        raise ValueError(f"--labels: expected a .npy file of label maps (N, H, W), got {path}")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--labels: {path} does not exist; expected a .npy file of label maps (N, H, W)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:  # pickled objects, truncated or non-.npy bytes
+        raise ValueError(f"--labels {path}: expected a readable .npy array of label maps (N, H, W), got "
+                         f"{type(err).__name__}: {err}") from err
+
+
+def _check_head_folder(out: Path, overwrite: bool) -> None:
+    """Refuse an --out that is a file, or a folder already holding a fitted head (unless ``overwrite``)."""
+    from .heads.pixel_classifier import HEAD_CONFIG, HEAD_WEIGHTS
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: expected a folder for {HEAD_WEIGHTS} + {HEAD_CONFIG}, got an existing file")
+    existing = [name for name in (HEAD_CONFIG, HEAD_WEIGHTS) if (out / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"--out {out}: expected a folder without a fitted head, it already holds "
+                              f"{', '.join(existing)}; pass --overwrite to replace it, or choose another folder")
+
+
 def _cmd_segment_fit(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
@@ -49,31 +76,48 @@ def _cmd_segment_fit(args: argparse.Namespace) -> int:
     from .features.io import read_images
     from .features.pixel_store import backbone_digest, build_pixel_store, check_pixel_labels
     from .heads import PixelClassifier
+    from .heads.label_maps import check_label_classes
 
     _threads(args)
+    out = Path(args.out)
+    _check_head_folder(out, args.overwrite)
+    raw_labels = _load_labels(args.labels)
     backbone = load_backbone(args.backbone)
-    images = backbone.check_images(read_images(args.images, backbone))
-    if not str(args.labels).endswith(".npy"):
-        raise ValueError(f"--labels: expected a .npy file of label maps (N, H, W), got {args.labels}")
-    labels = check_pixel_labels(np.load(args.labels, allow_pickle=False), args.num_classes,
-                                image_shape=tuple(images.shape[2:]), num_images=images.shape[0], name="--labels")
+    images = backbone.check_images(read_images(args.images, backbone), name=f"--images {args.images}")
+    name = f"--labels {args.labels}"
+    labels = check_pixel_labels(raw_labels, None, image_shape=tuple(images.shape[2:]), num_images=images.shape[0],
+                                name=name)
+    num_classes = check_label_classes(labels, args.num_classes, args.ignore_index, name=name,
+                                      num_option="--num-classes", ignore_option="--ignore-index")
     extractor = FeatureExtractor(backbone, args.nodes, args.timesteps, noise=args.noise, seed=args.seed,
                                  batch_size=args.extract_batch * len(args.timesteps), dtype=torch.float16)
-    out = Path(args.out)
     store_root = Path(args.store) if args.store else out / "features"
-    store = build_pixel_store(store_root, extractor, images, labels, num_classes=args.num_classes,
-                              batch_size=args.extract_batch, progress=lambda it: tqdm(it, desc="features", unit="batch"))
-    clf = PixelClassifier(num_classes=args.num_classes, n_members=args.members, epochs=args.epochs,
+    store = build_pixel_store(store_root, extractor, images, labels, batch_size=args.extract_batch,
+                              progress=lambda it: tqdm(it, desc="features", unit="batch"))
+    clf = PixelClassifier(num_classes=num_classes, n_members=args.members, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, max_pixels_in_memory=args.max_pixels,
-                          vote=args.vote, random_state=args.seed).fit(store)
+                          vote=args.vote, ignore_index=args.ignore_index, random_state=args.seed).fit(store)
     metadata = {"backbone": str(args.backbone), "backbone_digest": backbone_digest(backbone),
                 "nodes": list(extractor.nodes), "timesteps": list(extractor.timesteps), "noise": str(extractor.noise),
                 "seed": extractor.seed, "image_shape": list(images.shape[2:]), "store": str(store.path),
                 "noise_levels": {str(t): backbone.noise_level(t) for t in extractor.timesteps}}
     clf.save(out, metadata=metadata)
-    print(f"fitted {args.members} pixel MLPs on {len(store)} image(s) "
+    print(f"fitted {args.members} pixel MLPs ({num_classes} classes) on {len(store)} image(s) "
           f"({int(clf.class_pixel_counts_.sum())} labelled pixels, {clf.sample_pixels_} per epoch); head in {out}")
     return 0
+
+
+def _check_predict_outputs(args: argparse.Namespace) -> None:
+    """Refuse --out/--uncertainty that is an input (the images, the head's files) or each other, or that
+    exists already (unless --overwrite), before anything is loaded."""
+    from .heads.pixel_classifier import HEAD_CONFIG, HEAD_WEIGHTS
+    from .outputs import check_output_file
+
+    inputs = {"input images": args.images, "head config": Path(args.head) / HEAD_CONFIG,
+              "head weights": Path(args.head) / HEAD_WEIGHTS}
+    check_output_file(args.out, {**inputs, "--uncertainty output": args.uncertainty}, overwrite=args.overwrite)
+    if args.uncertainty:
+        check_output_file(args.uncertainty, inputs, overwrite=args.overwrite, option="--uncertainty")
 
 
 def _cmd_segment_predict(args: argparse.Namespace) -> int:
@@ -87,6 +131,7 @@ def _cmd_segment_predict(args: argparse.Namespace) -> int:
     from .heads import PixelClassifier
 
     _threads(args)
+    _check_predict_outputs(args)
     clf = PixelClassifier.load(args.head)
     meta = clf.metadata_
     missing = [k for k in ("backbone", "nodes", "timesteps", "noise", "seed") if k not in meta]
@@ -97,7 +142,7 @@ def _cmd_segment_predict(args: argparse.Namespace) -> int:
     if meta.get("backbone_digest") and digest != meta["backbone_digest"]:
         raise ValueError(f"backbone: expected weights with digest {meta['backbone_digest']} (the one the head was "
                          f"fitted on), got {digest}")
-    images = backbone.check_images(read_images(args.images, backbone))
+    images = backbone.check_images(read_images(args.images, backbone), name=f"--images {args.images}")
     extractor = FeatureExtractor(backbone, meta["nodes"], meta["timesteps"], noise=meta["noise"], seed=meta["seed"],
                                  batch_size=args.batch_size * len(meta["timesteps"]), dtype=torch.float16)
     keys = [FeatureKey(n, t) for n in extractor.nodes for t in extractor.timesteps]
@@ -127,7 +172,10 @@ def add_segment_cli(subparsers: Any) -> argparse.ArgumentParser:
     fit.add_argument("--timesteps", nargs="+", type=int, default=list(DEFAULT_TIMESTEPS))
     fit.add_argument("--noise", default="shared")
     fit.add_argument("--seed", type=int, default=0, help="noise, sampling and initialisation seed")
-    fit.add_argument("--num-classes", type=int, default=None, help="C (default: max label + 1)")
+    fit.add_argument("--num-classes", type=int, default=None,
+                     help="C: labels must lie in 0..C-1 (default: the labels found, which must then be exactly 0..C-1)")
+    fit.add_argument("--ignore-index", type=int, default=None,
+                     help="label of unlabelled pixels (e.g. 255): left out of training and of the class count")
     fit.add_argument("--members", type=int, default=10)
     fit.add_argument("--epochs", type=int, default=10)
     fit.add_argument("--batch-size", type=int, default=64, help="pixels per minibatch")
@@ -138,13 +186,15 @@ def add_segment_cli(subparsers: Any) -> argparse.ArgumentParser:
     fit.add_argument("--extract-batch", type=int, default=8, help="images per feature-extraction batch")
     fit.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     fit.add_argument("--out", required=True, help="output directory for head.safetensors + head.json")
+    fit.add_argument("--overwrite", action="store_true", help="replace a head already fitted in --out")
     fit.set_defaults(func=_cmd_segment_fit)
 
     pred = actions.add_parser("predict", help="predict label maps with a fitted head")
     pred.add_argument("head", help="directory written by `diffrep segment fit`")
     pred.add_argument("--images", required=True)
-    pred.add_argument("--out", required=True, help="output .npy of label maps (N,H,W)")
+    pred.add_argument("--out", required=True, help="output .npy of label maps (N,H,W); never an input")
     pred.add_argument("--uncertainty", default=None, help="optional .npy of vote-entropy maps (N,H,W)")
+    pred.add_argument("--overwrite", action="store_true", help="replace existing --out/--uncertainty files")
     pred.add_argument("--backbone", default=None, help="override the backbone path recorded in the head")
     pred.add_argument("--batch-size", type=int, default=8, help="images per batch")
     pred.add_argument("--threads", type=int, default=None)

@@ -117,3 +117,97 @@ def test_cli_anomaly_score(tmp_path, volume):
     assert nib.load(str(tmp_path / "m.nii.gz")).shape == SHAPE
     with pytest.raises(SystemExit):
         parser.parse_args(["anomaly", "score", "--backbone", "x", "in.nii", "--out", "o.nii", "--reverse", "bogus"])
+
+
+# ------------------------------------------------------------------------- refusals (issue 11)
+def _digest(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("spelling", ["same", "relative", "symlink", "mask"])
+def test_out_that_is_an_input_is_refused_and_the_input_survives(tmp_path, volume, monkeypatch, spelling):
+    t1, mask_path, _, _ = volume
+    monkeypatch.chdir(tmp_path)
+    out = {"same": t1, "relative": t1.relative_to(tmp_path), "mask": mask_path,
+           "symlink": tmp_path / "link.nii.gz"}[spelling]
+    if spelling == "symlink":
+        out.symlink_to(t1)
+    before = _digest(t1), _digest(mask_path)
+    for overwrite in (False, True):  # even --overwrite never replaces an input
+        with pytest.raises(ValueError, match=r"expected a new output file, got the (input scan|mask)"):
+            score_volume(ImageAsMap(), t1, out, mask_path=mask_path, size=16, progress=False, overwrite=overwrite)
+    assert (_digest(t1), _digest(mask_path)) == before
+
+
+def test_existing_out_is_refused_unless_overwrite(tmp_path, volume):
+    t1, mask_path, _, _ = volume
+    out = tmp_path / "old.nii.gz"
+    out.write_bytes(b"previous result")
+    with pytest.raises(FileExistsError, match=r"old\.nii\.gz: expected a new file, but it already exists"):
+        score_volume(ImageAsMap(), t1, out, mask_path=mask_path, size=16, progress=False)
+    assert out.read_bytes() == b"previous result"
+    score_volume(ImageAsMap(), t1, out, mask_path=mask_path, size=16, progress=False, overwrite=True)
+    assert nib.load(str(out)).shape == SHAPE
+
+
+@pytest.mark.parametrize("case,match", [
+    ("cut_gz", r"cut\.nii\.gz: expected a complete NIfTI volume.*truncated"),
+    ("cut_nii", r"cut\.nii: expected a complete NIfTI volume.*truncated"),
+    ("junk", r"junk\.nii\.gz: expected a readable NIfTI volume"),
+    ("cut_mask", r"mask_cut\.nii\.gz: expected a complete NIfTI mask"),
+    ("mask_affine", r"shifted\.nii\.gz: expected a mask on the grid of .*t1\.nii\.gz"),
+])
+def test_unreadable_or_misaligned_files_are_named(tmp_path, volume, case, match):
+    t1, mask_path, vol, mask = volume
+    if case in ("cut_gz", "cut_nii"):
+        full = _write(tmp_path / ("full.nii.gz" if case == "cut_gz" else "full.nii"), vol)
+        t1 = tmp_path / ("cut.nii.gz" if case == "cut_gz" else "cut.nii")
+        t1.write_bytes(full.read_bytes()[: full.stat().st_size * 2 // 3])
+    elif case == "junk":
+        t1 = tmp_path / "junk.nii.gz"
+        t1.write_bytes(b"not a NIfTI file at all")
+    elif case == "cut_mask":
+        mask_path = tmp_path / "mask_cut.nii.gz"
+        mask_path.write_bytes((tmp_path / "mask.nii.gz").read_bytes()[:-200])
+    else:
+        shifted = AFFINE.copy()
+        shifted[:3, 3] += 4.0
+        mask_path = _write(tmp_path / "shifted.nii.gz", mask, affine=shifted, dtype=np.uint8)
+    with pytest.raises(ValueError, match=match):
+        score_volume(ImageAsMap(), t1, tmp_path / "map.nii.gz", mask_path=mask_path, size=16, progress=False)
+    assert not (tmp_path / "map.nii.gz").exists()
+
+
+def test_a_non_finite_map_is_never_written(tmp_path, volume):
+    """One NaN weight makes every reconstruction NaN: the map is refused, naming the scan, and not written."""
+    import torch
+
+    t1, mask_path, _, _ = volume
+    backbone = live_backbone()
+    with torch.no_grad():
+        next(backbone.unet.parameters()).view(-1)[0] = float("nan")
+    scorer = ReconstructionScorer(backbone, noise_level=10)
+    with pytest.raises(ValueError, match=r"t1\.nii\.gz: expected a finite anomaly map, got \d+ NaN/Inf"):
+        score_volume(scorer, t1, tmp_path / "map.nii.gz", mask_path=mask_path, size=16, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz", "t1.nii.gz"]
+
+
+def test_cli_refuses_bad_device_and_out_before_loading_the_backbone(tmp_path, volume, monkeypatch):
+    import diffrep.backbones
+
+    t1, mask_path, _, _ = volume
+    monkeypatch.setattr(diffrep.backbones, "load_backbone", lambda *a, **k: pytest.fail("backbone loaded"))
+    parser = argparse.ArgumentParser()
+    add_anomaly_cli(parser.add_subparsers(dest="command", required=True))
+    base = ["anomaly", "score", "--backbone", "unused", str(t1)]
+    for extra, error, match in [
+        (["--out", str(tmp_path / "m.nii.gz"), "--device", "gpu0"], ValueError, r"device: expected .*'gpu0'"),
+        (["--out", str(tmp_path / "m.nii.gz"), "--device", "cuda:99"], ValueError, r"device 'cuda:99': expected"),
+        (["--out", str(t1)], ValueError, r"t1\.nii\.gz itself"),
+        (["--out", str(mask_path), "--mask", str(mask_path), "--overwrite"], ValueError, r"got the mask .*itself"),
+    ]:
+        args = parser.parse_args(base + extra)
+        with pytest.raises(error, match=match):
+            args.func(args)

@@ -8,6 +8,7 @@ nothing: a refusal comes before any work.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,10 +156,224 @@ CASES_TRAIN = [
 CASES_IMPORT: list[Case] = []
 
 # --------------------------------------------------------------------------------------- anomaly
-CASES_ANOMALY: list[Case] = []
+def _nifti(tmp: Path, name: str = "scan.nii.gz", shape: tuple[int, int, int] = (24, 24, 6), mask: bool = False,
+           shift: float = 0.0) -> str:
+    """A small ellipsoid 'brain' volume (or its mask) as NIfTI under tmp; ``shift`` moves the affine's origin."""
+    import nibabel as nib
+
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    inside = (grid ** 2).sum(0) < 0.8
+    data = inside.astype(np.uint8) if mask else ((100 + 50 * grid[0]) * inside).astype(np.int16)
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    affine[:3, 3] = shift
+    nib.save(nib.Nifti1Image(data, affine), str(tmp / name))
+    return str(tmp / name)
+
+
+def _cut(tmp: Path, name: str, keep: float = 0.6) -> str:
+    """A valid NIfTI whose bytes were cut: nibabel reads its header, then fails on the voxels."""
+    full = Path(_nifti(tmp, "full_" + name))
+    (tmp / name).write_bytes(full.read_bytes()[: int(full.stat().st_size * keep)])
+    return str(tmp / name)
+
+
+def _bytes(tmp: Path, name: str, data: bytes) -> str:
+    (tmp / name).write_bytes(data)
+    return str(tmp / name)
+
+
+def _symlink(tmp: Path, target: str, name: str = "link.nii.gz") -> str:
+    (tmp / name).symlink_to(target)
+    return str(tmp / name)
+
+
+def _nan_checkpoint(tmp: Path, ckpt: Path) -> str:
+    """The checkpoint with one NaN weight (refused at load, or its NaN anomaly map refused before writing)."""
+    import torch
+
+    from diffrep.backbones import load_backbone
+
+    backbone = load_backbone(ckpt)
+    with torch.no_grad():
+        next(backbone.unet.parameters()).view(-1)[0] = float("nan")
+    save_backbone(backbone, tmp / "nan_ckpt")
+    return str(tmp / "nan_ckpt")
+
+
+def _two_channel_checkpoint(tmp: Path) -> str:
+    from diffrep.backbones import Backbone, BackboneConfig, UNetConfig
+
+    config = UNetConfig(spatial_dims=2, in_channels=2, out_channels=2, channels=(8, 16), attention_levels=(False, False),
+                        norm_num_groups=8, num_head_channels=8)
+    save_backbone(Backbone(BackboneConfig(unet=config)), tmp / "rgbish")
+    return str(tmp / "rgbish")
+
+
+def _score(ckpt: Path, scan: str, out: str, *extra: str) -> list[str]:
+    return ["anomaly", "score", "--backbone", str(ckpt), scan, "--out", out, "--size", "16", "--quiet", *extra]
+
+
+CASES_ANOMALY = [
+    Case("anomaly-out-is-the-input", lambda tmp, ckpt: _score(ckpt, _nifti(tmp), str(tmp / "scan.nii.gz")),
+         r"--out .*scan\.nii\.gz: expected a new output file, got the input scan"),
+    Case("anomaly-out-is-the-input-even-with-overwrite",
+         lambda tmp, ckpt: _score(ckpt, _nifti(tmp), str(tmp / "scan.nii.gz"), "--overwrite"),
+         r"got the input scan .*scan\.nii\.gz itself"),
+    Case("anomaly-out-is-the-input-via-symlink",
+         lambda tmp, ckpt: _score(ckpt, _nifti(tmp), _symlink(tmp, str(tmp / "scan.nii.gz")), "--overwrite"),
+         r"--out .*link\.nii\.gz: expected a new output file, got the input scan"),
+    Case("anomaly-out-is-the-input-via-relative-path",
+         lambda tmp, ckpt: _score(ckpt, _nifti(tmp), os.path.relpath(tmp / "scan.nii.gz"), "--overwrite"),
+         r"expected a new output file, got the input scan"),
+    Case("anomaly-out-is-the-mask",
+         lambda tmp, ckpt: _score(ckpt, _nifti(tmp), _nifti(tmp, "mask.nii.gz", mask=True), "--overwrite",
+                                  "--mask", str(tmp / "mask.nii.gz")),
+         r"--out .*mask\.nii\.gz: expected a new output file, got the mask"),
+    Case("anomaly-out-exists-without-overwrite",
+         lambda tmp, ckpt: _score(ckpt, _nifti(tmp), _nifti(tmp, "old_map.nii.gz")),
+         r"--out .*old_map\.nii\.gz: expected a new file, but it already exists; replace it with --overwrite"),
+    Case("anomaly-out-not-nifti", lambda tmp, ckpt: _score(ckpt, _nifti(tmp), str(tmp / "map.npy")),
+         r"--out: expected a \.nii or \.nii\.gz file name, got 'map\.npy'"),
+    Case("anomaly-missing-scan", lambda tmp, ckpt: _score(ckpt, str(tmp / "nowhere.nii.gz"), str(tmp / "m.nii.gz")),
+         r"volume not found: .*nowhere\.nii\.gz"),
+    Case("anomaly-truncated-nii-gz", lambda tmp, ckpt: _score(ckpt, _cut(tmp, "cut.nii.gz"), str(tmp / "m.nii.gz")),
+         r"cut\.nii\.gz: expected a complete NIfTI volume, its voxel data could not be read \(truncated"),
+    Case("anomaly-truncated-mask", lambda tmp, ckpt: _score(ckpt, _nifti(tmp), str(tmp / "m.nii.gz"), "--mask",
+                                                            _cut(tmp, "cutmask.nii", keep=0.8)),
+         r"cutmask\.nii: expected a complete NIfTI mask"),
+    Case("anomaly-not-a-nifti-file",
+         lambda tmp, ckpt: _score(ckpt, _bytes(tmp, "scan.nii.gz", b"P5 4 4 255\n" + bytes(16)), str(tmp / "m.nii.gz")),
+         r"scan\.nii\.gz: expected a readable NIfTI volume"),
+    Case("anomaly-mask-of-another-shape",
+         lambda tmp, ckpt: _score(ckpt, _nifti(tmp), str(tmp / "m.nii.gz"), "--mask",
+                                  _nifti(tmp, "mask.nii.gz", shape=(24, 24, 5), mask=True)),
+         r"mask\.nii\.gz: expected a mask of the volume's shape \(24, 24, 6\), got \(24, 24, 5\)"),
+    Case("anomaly-mask-on-another-grid",
+         lambda tmp, ckpt: _score(ckpt, _nifti(tmp), str(tmp / "m.nii.gz"), "--mask",
+                                  _nifti(tmp, "mask.nii.gz", mask=True, shift=10.0)),
+         r"mask\.nii\.gz: expected a mask on the grid of .*scan\.nii\.gz \(affine"),
+    Case("anomaly-device-garbled", lambda tmp, ckpt: _score(ckpt, _nifti(tmp), str(tmp / "m.nii.gz"), "--device", "gpu0"),
+         r"device: expected 'cpu', 'cuda', 'cuda:N' or 'mps', got 'gpu0'"),
+    Case("anomaly-device-absent", lambda tmp, ckpt: _score(ckpt, _nifti(tmp), str(tmp / "m.nii.gz"), "--device", "cuda:99"),
+         r"device 'cuda:99': expected a (usable CUDA GPU|GPU index)"),
+    Case("anomaly-size-the-unet-cannot-take",
+         lambda tmp, ckpt: _score(ckpt, _nifti(tmp), str(tmp / "m.nii.gz"), "--size", "18"),
+         r"--size: expected a slice size >= 8 divisible by 4 .*got 18"),
+    Case("anomaly-backbone-with-two-channels",
+         lambda tmp, ckpt: _score(_two_channel_checkpoint(tmp), _nifti(tmp), str(tmp / "m.nii.gz")),
+         r"--backbone .*rgbish: expected a 1-channel backbone for NIfTI volumes, got 2"),
+    Case("anomaly-nan-weight-gives-no-map",
+         lambda tmp, ckpt: _score(_nan_checkpoint(tmp, ckpt), _nifti(tmp), str(tmp / "m.nii.gz")),
+         r"(nan_ckpt.*(NaN|non-finite|finite))|(scan\.nii\.gz: expected a finite anomaly map, got \d+ NaN/Inf)"),
+]
 
 # --------------------------------------------------------------------------------------- segment
-CASES_SEGMENT: list[Case] = []
+def _fit(tmp: Path, ckpt: Path, labels: np.ndarray, *extra: str, images: np.ndarray | None = None) -> list[str]:
+    """``segment fit`` on two 16x16 images (or ``images``) with the given label maps; a flag repeated in
+    ``extra`` (e.g. ``--out``) replaces the default, as argparse keeps the last one."""
+    x = images if images is not None else np.random.default_rng(0).random((2, 16, 16)).astype(np.float32)
+    return ["segment", "fit", str(ckpt), "--images", _npy(tmp, x, "x.npy"), "--labels", _npy(tmp, labels, "y.npy"),
+            "--nodes", "up.2", "--timesteps", "5", "--members", "2", "--epochs", "1", "--out", str(tmp / "head"), *extra]
+
+
+def _labels(values: list[int], n: int = 2, size: tuple[int, int] = (16, 16), dtype=np.int64) -> np.ndarray:
+    """Label maps whose pixels cycle through ``values``."""
+    return np.resize(np.asarray(values, dtype=dtype), (n, *size))
+
+
+def _head(tmp: Path, ckpt: Path, nan: bool = False) -> str:
+    """A head folder as `segment fit` writes it (descriptors of node up.2: 8 features), fitted on random data."""
+    import torch
+
+    from diffrep.heads import PixelClassifier
+
+    x = torch.randn(2, 8, 16, 16, generator=torch.Generator().manual_seed(0))
+    clf = PixelClassifier(num_classes=2, n_members=2, epochs=1, max_pixels_in_memory=64).fit(x, _labels([0, 1]))
+    if nan:
+        with torch.no_grad():
+            clf.ensemble_.weights[0][0, 0, 0] = float("nan")
+    clf.save(tmp / "head", metadata={"backbone": str(ckpt), "nodes": ["up.2"], "timesteps": [5], "noise": "shared",
+                                     "seed": 0})
+    return str(tmp / "head")
+
+
+def _garbled_head(tmp: Path, ckpt: Path) -> str:
+    head = _head(tmp, ckpt)
+    (Path(head) / "head.json").write_text("{garbled")
+    return head
+
+
+def _predict(head: str, images: str, out: str, *extra: str) -> list[str]:
+    return ["segment", "predict", head, "--images", images, "--out", out, *extra]
+
+
+def _images(tmp: Path, channels: int | None = None) -> str:
+    shape = (2, 16, 16) if channels is None else (2, channels, 16, 16)
+    return _npy(tmp, np.random.default_rng(1).random(shape).astype(np.float32), "x.npy")
+
+
+CASES_SEGMENT = [
+    Case("segment-fit-labels-10-to-13", lambda tmp, ckpt: _fit(tmp, ckpt, _labels([10, 11, 12, 13])),
+         r"--labels .*y\.npy: expected labels 0..C-1 .*found labels \[10, 11, 12, 13\].*--num-classes"),
+    Case("segment-fit-label-255-without-ignore-index", lambda tmp, ckpt: _fit(tmp, ckpt, _labels([0, 1, 255])),
+         r"y\.npy: expected labels 0..C-1 .*found labels \[0, 1, 255\].*--ignore-index"),
+    Case("segment-fit-labels-beyond-num-classes",
+         lambda tmp, ckpt: _fit(tmp, ckpt, _labels([0, 1, 2, 3]), "--num-classes", "3"),
+         r"y\.npy: expected labels in 0..2 \(--num-classes 3\), found labels \[0, 1, 2, 3\], out of range: \[3\]"),
+    Case("segment-fit-num-classes-1", lambda tmp, ckpt: _fit(tmp, ckpt, _labels([0]), "--num-classes", "1"),
+         r"--num-classes: expected an integer >= 2 \(the number of classes\), got 1"),
+    Case("segment-fit-every-pixel-ignored",
+         lambda tmp, ckpt: _fit(tmp, ckpt, _labels([255]), "--ignore-index", "255"),
+         r"y\.npy: expected at least one labelled pixel, got none \(every pixel is --ignore-index 255\)"),
+    Case("segment-fit-empty-label-set", lambda tmp, ckpt: _fit(tmp, ckpt, np.zeros((0, 16, 16), np.int64)),
+         r"y\.npy: expected at least one label map \(N >= 1\), got N = 0"),
+    Case("segment-fit-labels-of-another-size", lambda tmp, ckpt: _fit(tmp, ckpt, _labels([0, 1], size=(16, 12))),
+         r"y\.npy: expected label maps of the image size \(16, 16\), got \(16, 12\)"),
+    Case("segment-fit-float-labels", lambda tmp, ckpt: _fit(tmp, ckpt, _labels([0.0, 1.0], dtype=np.float32)),
+         r"y\.npy: expected an integer label map, got dtype torch\.float32"),
+    Case("segment-fit-labels-not-npy",
+         lambda tmp, ckpt: _fit(tmp, ckpt, _labels([0, 1]), "--labels", str(tmp / "y.txt")),
+         r"--labels: expected a \.npy file of label maps \(N, H, W\), got .*y\.txt"),
+    Case("segment-fit-labels-corrupt",
+         lambda tmp, ckpt: _fit(tmp, ckpt, _labels([0, 1]), "--labels", _bytes(tmp, "bad.npy", b"\x93NUMPY garbage")),
+         r"--labels .*bad\.npy: expected a readable \.npy array"),
+    Case("segment-fit-images-the-unet-cannot-take",
+         lambda tmp, ckpt: _fit(tmp, ckpt, _labels([0, 1], size=(18, 18)),
+                                images=np.zeros((2, 18, 18), np.float32)),
+         r"--images .*x\.npy: every spatial size must be divisible by 4"),
+    Case("segment-fit-head-already-fitted",
+         lambda tmp, ckpt: _fit(tmp, ckpt, _labels([0, 1]), "--out", _head(tmp, ckpt)),
+         r"--out .*head: expected a folder without a fitted head, it already holds head\.json, head\.safetensors; "
+         r"pass --overwrite"),
+    Case("segment-fit-out-is-a-file",
+         lambda tmp, ckpt: _fit(tmp, ckpt, _labels([0, 1]), "--out", str(tmp / "x.npy")),
+         r"--out .*x\.npy: expected a folder for head\.safetensors \+ head\.json, got an existing file"),
+    Case("segment-predict-missing-head",
+         lambda tmp, ckpt: _predict(str(tmp / "nohead"), _images(tmp), str(tmp / "pred.npy")),
+         r"expected .*nohead/head\.json, it does not exist"),
+    Case("segment-predict-garbled-head",
+         lambda tmp, ckpt: _predict(_garbled_head(tmp, ckpt), _images(tmp), str(tmp / "pred.npy")),
+         r"head/head\.json: expected the JSON written by PixelClassifier\.save"),
+    Case("segment-predict-nan-head", lambda tmp, ckpt: _predict(_head(tmp, ckpt, nan=True), _images(tmp),
+                                                                str(tmp / "pred.npy")),
+         r"head/head\.safetensors: expected finite weights, got NaN/Inf"),
+    Case("segment-predict-wrong-channel-count",
+         lambda tmp, ckpt: _predict(_head(tmp, ckpt), _images(tmp, channels=3), str(tmp / "pred.npy")),
+         r"--images .*x\.npy: expected 1 channel\(s\) in dim 1, got 3"),
+    Case("segment-predict-out-is-the-input",
+         lambda tmp, ckpt: _predict(_head(tmp, ckpt), _images(tmp), str(tmp / "x.npy"), "--overwrite"),
+         r"--out .*x\.npy: expected a new output file, got the input images"),
+    Case("segment-predict-out-is-the-head",
+         lambda tmp, ckpt: _predict(_head(tmp, ckpt), _images(tmp), str(tmp / "head" / "head.json"), "--overwrite"),
+         r"--out .*head\.json: expected a new output file, got the head config"),
+    Case("segment-predict-uncertainty-is-out",
+         lambda tmp, ckpt: _predict(_head(tmp, ckpt), _images(tmp), str(tmp / "p.npy"), "--uncertainty",
+                                    str(tmp / "p.npy")),
+         r"--out .*p\.npy: expected a new output file, got the --uncertainty output"),
+    Case("segment-predict-out-exists",
+         lambda tmp, ckpt: _predict(_head(tmp, ckpt), _images(tmp), _npy(tmp, _labels([0, 1]), "truth.npy")),
+         r"--out .*truth\.npy: expected a new file, but it already exists"),
+]
 
 # ----------------------------------------------------------------------------------------- probe
 CASES_PROBE: list[Case] = []

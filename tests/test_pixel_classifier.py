@@ -140,6 +140,86 @@ def test_bad_parameters_and_predict_input():
         clf.predict(y[:, None])
 
 
+def test_ignored_pixels_do_not_influence_the_fit():
+    """Pixels labelled ignore_index are neither a class nor training data: garbage descriptors there change nothing."""
+    x, y = toy()
+    unlabelled = torch.rand(y.shape, generator=torch.Generator().manual_seed(5)) < 0.3
+    y = y.masked_fill(unlabelled, 255)
+    a = small(num_classes=None, ignore_index=255).fit(x, y)
+    x_garbage = x.clone()
+    x_garbage.permute(0, 2, 3, 1)[unlabelled] = 1e3 * torch.randn(int(unlabelled.sum()), x.shape[1])
+    b = small(num_classes=None, ignore_index=255).fit(x_garbage, y)
+    assert a.classes_.tolist() == [0, 1, 2] and a.class_pixel_counts_.sum() == int((~unlabelled).sum())
+    for key, value in a.ensemble_.state_dict().items():
+        torch.testing.assert_close(value, b.ensemble_.state_dict()[key], rtol=0, atol=0)
+    torch.testing.assert_close(a.mean_, b.mean_)
+    assert a.score(x, y) > 0.9  # scored on the labelled pixels only
+
+
+@pytest.mark.parametrize("shift, kwargs, match", [
+    (10, {}, r"expected labels 0..C-1 .*found labels \[10, 11, 12\]"),
+    (None, {}, r"found labels \[0, 1, 2, 255\].*ignore_index .*255"),
+    (None, {"num_classes": 3}, r"expected values in 0..2, got out-of-range value\(s\) \[255\]"),
+    ("all", {"ignore_index": 255}, r"expected at least one labelled pixel, got none \(every pixel is ignore_index 255\)"),
+    (0, {"ignore_index": "255"}, r"ignore_index: expected an integer label value or None, got '255'"),
+])
+def test_labels_outside_0_to_c_minus_1_are_refused(shift, kwargs, match):
+    x, y = toy()
+    if shift == "all":
+        y = torch.full_like(y, 255)
+    elif shift is None:
+        y = y.clone()
+        y[0, 0, :3] = 255
+    else:
+        y = y + shift
+    with pytest.raises(ValueError, match=match):
+        small(**{"num_classes": None, **kwargs}).fit(x, y)
+
+
+def test_num_classes_says_which_labels_are_valid():
+    x, y = toy()
+    clf = small(num_classes=14).fit(x, y + 10)  # labels 10..12 of a 14-class scheme, on purpose
+    assert clf.classes_.tolist() == list(range(14)) and clf.class_pixel_counts_[:10].sum() == 0
+
+
+def test_non_finite_descriptors_are_refused():
+    x, y = toy()
+    bad = x.clone()
+    bad[:, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"X \(the epoch-0 pixel sample\): expected finite descriptors, got \d+ NaN"):
+        small().fit(bad, y)
+    clf = small().fit(x, y)
+    with pytest.raises(ValueError, match=r"pixels: expected finite descriptors, got 144 NaN/Inf"):
+        clf.predict(bad[:1])
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda d: (d / "head.json").write_text("{not json"), r"head\.json: expected the JSON written by"),
+    (lambda d: (d / "head.json").write_text('{"format": "diffrep-pixel-classifier"}'), r"do not fit together \(KeyError"),
+    (lambda d: (d / "head.safetensors").write_bytes(b"junk"), r"head\.safetensors: expected a readable safetensors"),
+    (lambda d: _edit_json(d, n_features_in=7), r"do not fit together \(RuntimeError"),
+    (lambda d: _nan_weights(d), r"head\.safetensors: expected finite weights, got NaN/Inf in \['ensemble"),
+])
+def test_garbled_head_folder_is_refused_naming_the_file(tmp_path, damage, match):
+    small().fit(*toy()).save(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        PixelClassifier.load(tmp_path)
+
+
+def _edit_json(directory, **changes):
+    config = json.loads((directory / "head.json").read_text())
+    (directory / "head.json").write_text(json.dumps({**config, **changes}))
+
+
+def _nan_weights(directory):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(directory / "head.safetensors"))
+    tensors["ensemble.weights.0"][0, 0, 0] = float("nan")
+    save_file(tensors, str(directory / "head.safetensors"))
+
+
 def test_segmentation_metrics_per_class_iou_and_dice():
     truth = np.array([[0, 0, 1, 1]])
     pred = np.array([[0, 1, 1, 1]])
@@ -244,3 +324,33 @@ def test_segment_cli_fit_and_predict(tmp_path):
                              "--out", str(tmp_path / "h2")])
     with pytest.raises(TypeError, match="expected an integer label map"):
         bad.func(bad)
+
+
+def test_segment_cli_ignore_index_and_overwrite(tmp_path, capsys):
+    """255 marks unlabelled pixels: a 2-class head, not 256; a fitted head or a prediction is replaced only with --overwrite."""
+    from diffrep.cli import main
+
+    from .conftest import make_backbone, make_images
+
+    backbone = make_backbone("2d-2level")
+    backbone.save(tmp_path / "bb")
+    images = make_images(backbone, n=2, size=16).numpy()[:, 0]
+    labels = (images > 0.5).astype(np.int64)
+    labels[:, :4] = 255
+    np.save(tmp_path / "x.npy", images)
+    np.save(tmp_path / "y.npy", labels)
+    fit = ["segment", "fit", str(tmp_path / "bb"), "--images", str(tmp_path / "x.npy"), "--labels",
+           str(tmp_path / "y.npy"), "--nodes", "up.1", "--timesteps", "5", "--members", "2", "--epochs", "1",
+           "--ignore-index", "255", "--out", str(tmp_path / "head")]
+    assert main(fit) == 0
+    config = json.loads((tmp_path / "head" / "head.json").read_text())
+    assert config["num_classes"] == 2 and config["params"]["ignore_index"] == 255
+    assert sum(config["class_pixel_counts"]) == int((labels != 255).sum())
+    assert main(fit) == 2 and "already holds head.json" in capsys.readouterr().err
+    assert main(fit + ["--overwrite"]) == 0
+    predict = ["segment", "predict", str(tmp_path / "head"), "--images", str(tmp_path / "x.npy"),
+               "--out", str(tmp_path / "pred.npy")]
+    assert main(predict) == 0
+    assert main(predict) == 2 and "already exists" in capsys.readouterr().err
+    assert main(predict + ["--overwrite"]) == 0
+    assert set(np.unique(np.load(tmp_path / "pred.npy"))) <= {0, 1}

@@ -21,24 +21,70 @@ from ..data.brain import _crop_box, _derive, _slices
 from .base import AnomalyScorer
 
 
-def _load(path: Path, what: str) -> Any:
+def _load(path: Path, what: str) -> tuple[Any, np.ndarray]:
+    """A NIfTI image and its voxels as float32 (X, Y, Z); an unreadable, truncated or non-3D file names the file."""
     import nibabel as nib
 
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        return nib.load(str(path))
+        img = nib.load(str(path))
     except Exception as exc:  # nibabel raises ImageFileError and friends
         raise ValueError(f"{path}: expected a readable NIfTI {what}, got an error from nibabel: {exc}") from exc
-
-
-def _as_3d(img: Any, path: Path, what: str) -> np.ndarray:
     shape = tuple(img.shape)
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     elif len(shape) != 3:
         raise ValueError(f"{path}: expected a 3D {what} (X, Y, Z), got shape {tuple(img.shape)}")
-    return np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+    try:  # nibabel reads the header eagerly and the voxels lazily: a cut .nii.gz fails only here
+        data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+    except Exception as exc:  # EOFError, zlib.error, OSError ("Expected N bytes, got M")
+        raise ValueError(f"{path}: expected a complete NIfTI {what}, its voxel data could not be read (truncated or "
+                         f"corrupt file?): {type(exc).__name__}: {exc}") from exc
+    return img, data
+
+
+def check_volume_paths(nifti_path: str | os.PathLike, out_path: str | os.PathLike,
+                       mask_path: str | os.PathLike | None = None, *, overwrite: bool = False,
+                       option: str = "out_path") -> None:
+    """Refuse, before any work, an output that is not .nii/.nii.gz, is the input scan or the mask (also
+    through a symlink or another spelling of the path), or already exists (unless ``overwrite``)."""
+    from ..outputs import check_output_file
+
+    out_path = Path(out_path)
+    if not out_path.name.endswith((".nii", ".nii.gz")):
+        raise ValueError(f"{option}: expected a .nii or .nii.gz file name, got {out_path.name!r}")
+    check_output_file(out_path, {"input scan": nifti_path, "mask": mask_path}, overwrite=overwrite, option=option)
+    for what, path in (("volume", nifti_path), ("mask", mask_path)):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{what} not found: {path}")
+
+
+def _read_inputs(nifti_path: Path, mask_path: Path | None) -> tuple[Any, np.ndarray, np.ndarray]:
+    """(image, RAS volume, RAS brain mask) of a validated volume and mask."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+    img, data = _load(nifti_path, "volume")
+    bad = int((~np.isfinite(data)).sum())
+    if bad:
+        raise ValueError(f"{nifti_path}: expected finite intensities, got {bad} NaN/Inf voxel(s)")
+    if not np.any(data):
+        raise ValueError(f"{nifti_path}: expected a non-empty volume, got all-zero intensities")
+    to_ras = ornt_transform(io_orientation(img.affine), axcodes2ornt(("R", "A", "S")))
+    vol = apply_orientation(data, to_ras).astype(np.float32)
+    if mask_path is None:
+        mask, _ = _derive(vol, None, None, str(nifti_path))
+        return img, vol, mask
+    mask_img, mask_data = _load(mask_path, "mask")
+    if mask_data.shape != data.shape:
+        raise ValueError(f"{mask_path}: expected a mask of the volume's shape {data.shape}, got {mask_data.shape}")
+    if not np.allclose(mask_img.affine, img.affine, rtol=0.0, atol=1e-3):
+        raise ValueError(f"{mask_path}: expected a mask on the grid of {nifti_path} (affine "
+                         f"{np.round(img.affine, 3).tolist()}), got affine {np.round(mask_img.affine, 3).tolist()}")
+    mask = apply_orientation(np.nan_to_num(mask_data) != 0, to_ras).astype(bool)
+    if not mask.any():
+        raise ValueError(f"{mask_path}: expected a non-empty brain mask, got an all-zero mask")
+    return img, vol, mask
 
 
 def _unslices(maps: np.ndarray, box: tuple[int, int, int], shape: tuple[int, int, int]) -> np.ndarray:
@@ -53,50 +99,33 @@ def _unslices(maps: np.ndarray, box: tuple[int, int, int], shape: tuple[int, int
 
 def score_volume(scorer: AnomalyScorer, nifti_path: str | os.PathLike, out_path: str | os.PathLike,
                  mask_path: str | os.PathLike | None = None, size: int = 64, batch_size: int = 16,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, overwrite: bool = False) -> Path:
     """Score every axial slice of a 3D NIfTI with a (fitted) scorer; write the anomaly map as NIfTI.
 
     Args:
         scorer: any AnomalyScorer (ReconstructionScorer, DAEScorer, ...), ready to ``score``.
         nifti_path: the input volume (.nii/.nii.gz), 3D (a trailing singleton 4th axis is accepted).
         out_path: where the float32 map goes (.nii/.nii.gz); written to a temporary name and renamed.
+            Never the input scan or the mask; an existing file is replaced only with ``overwrite``.
         mask_path: a brain mask on the same grid (nonzero = brain). Without one, a mask is derived as
             for the training data: Otsu threshold, largest component, closing, hole filling.
         size: slice size the scorer's backbone was trained on. batch_size: slices per ``score`` call.
         progress: show a tqdm progress bar.
+        overwrite: replace an existing ``out_path`` (it is refused otherwise).
 
-    Returns the output path. Raises ValueError for a non-3D volume, NaN/Inf voxels, an all-zero
-    volume, or a mask whose shape differs from the volume's.
+    Returns the output path. Raises ValueError for an output that is an input, an unreadable or
+    truncated file, a non-3D volume, NaN/Inf voxels, an all-zero volume, a mask on another grid
+    (shape or affine), or a map with NaN/Inf values (nothing is written then); FileExistsError for
+    an existing output without ``overwrite``.
     """
-    import nibabel as nib
     from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
-    from tqdm.auto import tqdm
 
     nifti_path, out_path = Path(nifti_path), Path(out_path)
-    if not out_path.name.endswith((".nii", ".nii.gz")):
-        raise ValueError(f"out_path: expected a .nii or .nii.gz file name, got {out_path.name!r}")
+    mask_path = Path(mask_path) if mask_path is not None else None
+    check_volume_paths(nifti_path, out_path, mask_path, overwrite=overwrite)
     if isinstance(size, bool) or not isinstance(size, int) or size < 8:
         raise ValueError(f"size: expected an int >= 8, got {size!r}")
-    img = _load(nifti_path, "volume")
-    data = _as_3d(img, nifti_path, "volume")
-    bad = int((~np.isfinite(data)).sum())
-    if bad:
-        raise ValueError(f"{nifti_path}: expected finite intensities, got {bad} NaN/Inf voxel(s)")
-    if not np.any(data):
-        raise ValueError(f"{nifti_path}: expected a non-empty volume, got all-zero intensities")
-    to_ras = ornt_transform(io_orientation(img.affine), axcodes2ornt(("R", "A", "S")))
-    vol = apply_orientation(data, to_ras).astype(np.float32)
-    if mask_path is not None:
-        mask_path = Path(mask_path)
-        mask_data = _as_3d(_load(mask_path, "mask"), mask_path, "mask")
-        if mask_data.shape != data.shape:
-            raise ValueError(f"{mask_path}: expected a mask of the volume's shape {data.shape}, got {mask_data.shape}")
-        mask = apply_orientation(np.nan_to_num(mask_data) != 0, to_ras).astype(bool)
-        if not mask.any():
-            raise ValueError(f"{mask_path}: expected a non-empty brain mask, got an all-zero mask")
-    else:
-        mask, _ = _derive(vol, None, None, str(nifti_path))
-
+    img, vol, mask = _read_inputs(nifti_path, mask_path)
     lo, hi = np.percentile(vol[mask], [1.0, 99.0])
     if hi <= lo:
         raise ValueError(f"{nifti_path}: expected varying intensities inside the brain mask, got 1st..99th "
@@ -104,6 +133,21 @@ def score_volume(scorer: AnomalyScorer, nifti_path: str | os.PathLike, out_path:
     norm = np.clip((vol - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
     norm[~mask] = 0.0
     box = _crop_box(mask)
+    maps = _score_slices(scorer, norm, mask, box, size, batch_size, nifti_path, progress)
+
+    side = box[2]
+    back = F.interpolate(torch.from_numpy(maps).unsqueeze(1), size=(side, side), mode="bilinear",
+                         antialias=True, align_corners=False)[:, 0].numpy()
+    ras_map = _unslices(back, box, vol.shape) * mask
+    out = apply_orientation(ras_map, ornt_transform(axcodes2ornt(("R", "A", "S")), io_orientation(img.affine)))
+    return _write_map(np.ascontiguousarray(out, dtype=np.float32).reshape(img.shape), img, out_path)
+
+
+def _score_slices(scorer: AnomalyScorer, norm: np.ndarray, mask: np.ndarray, box: tuple[int, int, int], size: int,
+                  batch_size: int, nifti_path: Path, progress: bool) -> np.ndarray:
+    """Anomaly maps (Z, size, size) of the cropped, resized axial slices; refuses NaN/Inf maps."""
+    from tqdm.auto import tqdm
+
     resize = dict(size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     images = F.interpolate(torch.from_numpy(_slices(norm, box).copy()).unsqueeze(1), **resize)
     masks = F.interpolate(torch.from_numpy(_slices(mask.astype(np.float32), box).copy()).unsqueeze(1), **resize) > 0.5
@@ -114,14 +158,20 @@ def score_volume(scorer: AnomalyScorer, nifti_path: str | os.PathLike, out_path:
     for start in tqdm(range(0, len(todo), batch_size), desc=f"scoring {nifti_path.name}", unit="batch",
                       disable=not progress):
         index = todo[start:start + batch_size]
-        maps[index] = scorer.score(images[index], masks[index]).maps
+        batch = np.asarray(scorer.score(images[index], masks[index]).maps, dtype=np.float32)
+        bad = ~np.isfinite(batch)
+        if bad.any():
+            slices = sorted({int(index[i]) for i in np.flatnonzero(bad.reshape(len(index), -1).any(axis=1))})
+            raise ValueError(f"{nifti_path}: expected a finite anomaly map, got {int(bad.sum())} NaN/Inf value(s) in "
+                             f"slice(s) {slices[:10]} (check the backbone's weights and the scorer's settings); "
+                             "no map was written")
+        maps[index] = batch
+    return maps
 
-    side = box[2]
-    back = F.interpolate(torch.from_numpy(maps).unsqueeze(1), size=(side, side), mode="bilinear",
-                         antialias=True, align_corners=False)[:, 0].numpy()
-    ras_map = _unslices(back, box, vol.shape) * mask
-    out = apply_orientation(ras_map, ornt_transform(axcodes2ornt(("R", "A", "S")), io_orientation(img.affine)))
-    out = np.ascontiguousarray(out, dtype=np.float32).reshape(img.shape)
+
+def _write_map(out: np.ndarray, img: Any, out_path: Path) -> Path:
+    """Write ``out`` as float32 NIfTI with ``img``'s affine and header, atomically (temporary name, rename)."""
+    import nibabel as nib
 
     header = img.header.copy()
     header.set_data_dtype(np.float32)
@@ -144,16 +194,26 @@ def score_volume(scorer: AnomalyScorer, nifti_path: str | os.PathLike, out_path:
 # ------------------------------------------------------------------------------ CLI
 def _cmd_anomaly_score(args: argparse.Namespace) -> int:
     from ..backbones import load_backbone
+    from ..devices import resolve_device
     from .reconstruction import ReconstructionScorer
 
-    backbone = load_backbone(args.backbone, device=args.device)
+    device = resolve_device(args.device)  # refusals first: nothing heavy is loaded for a bad device or --out
+    check_volume_paths(args.input, args.out, args.mask, overwrite=args.overwrite, option="--out")
+    backbone = load_backbone(args.backbone, device=device)
+    if backbone.in_channels != 1:
+        raise ValueError(f"--backbone {args.backbone}: expected a 1-channel backbone for NIfTI volumes, got "
+                         f"{backbone.in_channels} input channels")
     size = args.size or int(backbone.config.provenance.get("data", {}).get("size", 64))
+    multiple = backbone.config.unet.size_multiple
+    if size < 8 or size % multiple:
+        raise ValueError(f"--size: expected a slice size >= 8 divisible by {multiple} (what the {backbone.config.unet.levels}-"
+                         f"level U-Net of {args.backbone} takes), got {size}")
     scorer = ReconstructionScorer(backbone, noise_level=args.noise_level, noise=args.noise, reverse=args.reverse,
                                   ddim_steps=args.steps, residual=args.residual, erode=args.erode,
                                   median=args.median, seed=args.seed, batch_size=args.batch_size)
     calls = scorer.unet_calls_per_image
     out = score_volume(scorer, args.input, args.out, mask_path=args.mask, size=size, batch_size=args.batch_size,
-                       progress=not args.quiet)
+                       progress=not args.quiet, overwrite=args.overwrite)
     print(f"wrote anomaly map to {out} (reverse={args.reverse}, L={args.noise_level}, "
           f"noise level {backbone.noise_level(args.noise_level):.3f}, {calls} U-Net call(s) per slice, size {size})")
     return 0
@@ -163,7 +223,10 @@ def add_anomaly_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``anomaly score`` on an argparse subparsers object; returns the ``anomaly`` parser.
 
     ``diffrep anomaly score --backbone NAME_OR_DIR INPUT.nii.gz --out MAP.nii.gz [--mask MASK.nii.gz]
-    [--noise-level L] [--reverse x0|ddim|ddpm] [--noise gaussian|simplex] [--steps k]``
+    [--noise-level L] [--reverse x0|ddim|ddpm] [--noise gaussian|simplex] [--steps k] [--overwrite]``
+
+    An existing --out is refused unless --overwrite is given (a map is cheap to recompute, a lost
+    file is not); --out can never be the input scan or the mask, whatever the flags.
     """
     from .reconstruction import NOISE_KINDS, RESIDUALS, REVERSE_MODES
 
@@ -172,7 +235,9 @@ def add_anomaly_cli(subparsers: Any) -> argparse.ArgumentParser:
     p = commands.add_parser("score", help="score a 3D NIfTI slice by slice; write an anomaly-map NIfTI")
     p.add_argument("input", help="3D NIfTI volume (.nii/.nii.gz)")
     p.add_argument("--backbone", required=True, help="checkpoint directory or shipped default name")
-    p.add_argument("--out", required=True, help="output anomaly map (.nii/.nii.gz), same grid as the input")
+    p.add_argument("--out", required=True, help="output anomaly map (.nii/.nii.gz), same grid as the input; never the "
+                   "input or the mask, and not an existing file unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--mask", default=None, help="brain mask on the input's grid (default: derived by Otsu)")
     p.add_argument("--noise-level", type=int, default=250, help="timestep L the input is noised to")
     p.add_argument("--reverse", choices=REVERSE_MODES, default="x0")
@@ -184,7 +249,7 @@ def add_anomaly_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="slice size (default: the backbone's training size, else 64)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps; refused if absent on this machine")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_anomaly_score)
     return anomaly

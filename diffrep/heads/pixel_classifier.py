@@ -24,12 +24,14 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from sklearn.base import BaseEstimator
 from torch import nn
 
 from ..backbones.checkpoint import atomic_write_bytes
 from ..features.pixel_store import ArrayPixels, BalancedPixelSampler, PixelSource, check_pixel_labels
+from .label_maps import check_label_classes, segmentation_metrics
 
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "head.json"
@@ -96,7 +98,8 @@ class PixelClassifier(BaseEstimator):
     """Ensemble of K pixel MLPs (Baranchuk et al. 2022) trained within a fixed pixel-memory budget.
 
     Args:
-        num_classes: C; labels must lie in 0..C-1 (or equal ``ignore_index``). None: max label + 1.
+        num_classes: C; labels must lie in 0..C-1 (or equal ``ignore_index``). None: the labels found, which
+            must then be exactly 0..C-1 (see :func:`~diffrep.heads.label_maps.check_label_classes`).
         n_members: K, the number of MLPs (10 in the paper).
         hidden: hidden widths (128, 32 in the paper for C < 30).
         epochs: training epochs; each draws a new balanced pixel sample.
@@ -107,7 +110,7 @@ class PixelClassifier(BaseEstimator):
         vote: ``"majority"`` (the paper; ties go to the higher mean probability) or ``"mean"``
             (argmax of the members' mean probability).
         standardize: standardise each feature with the first sample's mean and std.
-        ignore_index: a label value that is skipped in training and scoring (None: none).
+        ignore_index: the label of unlabelled pixels, left out of training, the class count and scoring.
         predict_batch_pixels: pixels per forward at prediction time (at most ``max_pixels_in_memory``).
         random_state: seed of the sampler, the initialisation and the minibatch order.
         device: torch device for training and prediction.
@@ -147,6 +150,8 @@ class PixelClassifier(BaseEstimator):
             raise ValueError(f"num_classes: expected an integer >= 2 or None, got {self.num_classes!r}")
         if self.max_pixels_in_memory < 2:
             raise ValueError(f"max_pixels_in_memory: expected >= 2 (BatchNorm needs 2 pixels), got {self.max_pixels_in_memory}")
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, (int, np.integer, type(None))):
+            raise ValueError(f"ignore_index: expected an integer label value or None, got {self.ignore_index!r}")
 
     def _source(self, X: Any, y: Any) -> PixelSource:
         if _is_source(X):
@@ -162,26 +167,13 @@ class PixelClassifier(BaseEstimator):
                                     ignore_index=self.ignore_index, name="y")
         return ArrayPixels(x, labels)
 
-    def _infer_classes(self, source: PixelSource) -> int:
-        top = -1
-        for i in range(len(source)):
-            labels = source.read_labels(i)
-            if self.ignore_index is not None:
-                labels = labels[labels != self.ignore_index]
-            if labels.numel():
-                if int(labels.min()) < 0:
-                    raise ValueError(f"labels of image {i}: expected values >= 0, got {int(labels.min())}")
-                top = max(top, int(labels.max()))
-        if top < 1:
-            raise ValueError(f"labels: expected at least two classes (0..C-1 with C >= 2), got max label {top}")
-        return top + 1
-
     # ---------------------------------------------------------------------------------------- fit
     def fit(self, X: Any, y: Any = None) -> "PixelClassifier":
         """Train on descriptors (N, D, H, W) + labels (N, H, W), or on a pixel source (e.g. a PixelStore)."""
         self._check_params()
         source = self._source(X, y)
-        num_classes = int(self.num_classes) if self.num_classes is not None else self._infer_classes(source)
+        num_classes = check_label_classes((source.read_labels(i) for i in range(len(source))), self.num_classes,
+                                          self.ignore_index)
         sampler = BalancedPixelSampler(source, num_classes, int(self.max_pixels_in_memory),
                                        seed=int(self.random_state), ignore_index=self.ignore_index)
         device = torch.device(self.device)
@@ -195,6 +187,7 @@ class PixelClassifier(BaseEstimator):
         scale = torch.ones(d)
         for epoch in range(int(self.epochs)):
             xs, ys = sampler.sample(epoch)
+            _check_finite(xs, f"X (the epoch-{epoch} pixel sample)")
             if epoch == 0 and self.standardize:
                 mean, scale = _moments(xs)
             m = xs.shape[0]
@@ -239,6 +232,7 @@ class PixelClassifier(BaseEstimator):
         self._check_fitted()
         if pixels.ndim != 2 or pixels.shape[1] != self.n_features_in_:
             raise ValueError(f"pixels: expected shape (P, {self.n_features_in_}), got {tuple(pixels.shape)}")
+        _check_finite(pixels, "pixels")
         device = next(self.ensemble_.parameters()).device
         rows = int(min(self.predict_batch_pixels, self.max_pixels_in_memory))
         out = []
@@ -315,17 +309,36 @@ class PixelClassifier(BaseEstimator):
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str = "cpu") -> "PixelClassifier":
-        """Rebuild a fitted classifier from :meth:`save`'s directory."""
+        """Rebuild a fitted classifier from :meth:`save`'s directory; a garbled or non-finite head names its file."""
         directory = Path(directory)
         for name in (HEAD_CONFIG, HEAD_WEIGHTS):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"pixel classifier: expected {directory / name}, it does not exist")
-        config = json.loads((directory / HEAD_CONFIG).read_text())
-        if config.get("format") != FORMAT:
-            raise ValueError(f"{directory / HEAD_CONFIG}: expected format {FORMAT!r}, got {config.get('format')!r}")
+        try:
+            config = json.loads((directory / HEAD_CONFIG).read_text())
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{directory / HEAD_CONFIG}: expected the JSON written by PixelClassifier.save, "
+                             f"got unreadable text ({err})") from err
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            got = config.get("format") if isinstance(config, dict) else type(config).__name__
+            raise ValueError(f"{directory / HEAD_CONFIG}: expected format {FORMAT!r}, got {got!r}")
+        try:
+            tensors = load_file(str(directory / HEAD_WEIGHTS))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"{directory / HEAD_WEIGHTS}: expected a readable safetensors file ({err})") from err
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise ValueError(f"{directory / HEAD_WEIGHTS}: expected finite weights, got NaN/Inf in {bad[:5]}")
+        try:
+            return cls._rebuild(config, tensors, device)
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{directory}: expected {HEAD_CONFIG} and {HEAD_WEIGHTS} of one head saved by "
+                             f"PixelClassifier.save, they do not fit together ({type(err).__name__}: {err})") from err
+
+    @classmethod
+    def _rebuild(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], device: str) -> "PixelClassifier":
         params = dict(config["params"], hidden=tuple(config["params"]["hidden"]), device=device)
         model = cls(**params)
-        tensors = load_file(str(directory / HEAD_WEIGHTS))
         c, d = int(config["num_classes"]), int(config["n_features_in"])
         model.ensemble_ = MLPEnsemble(int(params["n_members"]), d, params["hidden"], c)
         model.ensemble_.load_state_dict({k[len("ensemble."):]: v for k, v in tensors.items() if k.startswith("ensemble.")})
@@ -341,6 +354,12 @@ class PixelClassifier(BaseEstimator):
 
 
 # ----------------------------------------------------------------------------------------- helpers
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise ValueError(f"{name}: expected finite descriptors, got {bad} NaN/Inf value(s) (check the backbone's weights)")
+
+
 def _moments(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-feature mean and std of (M, D) rows, in float64 chunks of about 16 MB (no full-size copy)."""
     chunk = max(1, (1 << 21) // max(1, xs.shape[1]))
@@ -373,29 +392,6 @@ def combine_members(probs: torch.Tensor, vote: str = "majority") -> tuple[torch.
     frac = votes / k
     entropy = -(frac * torch.log(frac.clamp_min(1e-12))).sum(dim=-1)
     return labels, mean_prob, entropy.clamp_min(0.0)
-
-
-def segmentation_metrics(pred: Any, truth: Any, num_classes: int, ignore_index: int | None = None
-                         ) -> dict[str, Any]:
-    """Per-class IoU and Dice from the confusion matrix pooled over all images, and their means.
-
-    Classes absent from both truth and prediction get NaN and are left out of the means
-    (``miou``, ``mdice``), as in ddpm-segmentation's evaluation over all test images.
-    """
-    p = np.asarray(pred).reshape(-1).astype(np.int64)
-    t = np.asarray(truth).reshape(-1).astype(np.int64)
-    if p.shape != t.shape:
-        raise ValueError(f"pred: expected {np.asarray(truth).shape} to match truth, got {np.asarray(pred).shape}")
-    keep = t != ignore_index if ignore_index is not None else np.ones_like(t, bool)
-    p, t = p[keep], t[keep]
-    confusion = np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-    tp = np.diag(confusion).astype(np.float64)
-    fp, fn = confusion.sum(0) - tp, confusion.sum(1) - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(tp + fp + fn > 0, tp / (tp + fp + fn), np.nan)
-        dice = np.where(tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
-    return {"iou": iou.tolist(), "dice": dice.tolist(), "miou": float(np.nanmean(iou)),
-            "mdice": float(np.nanmean(dice)), "confusion": confusion.tolist()}
 
 
 def vote_entropy_max(n_members: int, num_classes: int) -> float:
