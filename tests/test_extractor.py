@@ -1,12 +1,20 @@
 """FeatureExtractor: shapes against FeatureInfo, determinism, hooks, early exit, batching, noise."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from functools import partial
+
 import pytest
 import torch
 
 from diffrep import FeatureExtractor, FeatureKey
+from diffrep.features import extractor as extractor_module
 
 from .conftest import make_images
+
+# The stated guarantee (README "Noise", FeatureExtractor docstring): identical batching is bit for bit
+# on CPU; other batching (batch size, timestep list, batch_timesteps) agrees within this tolerance.
+BATCHING_TOLERANCE = dict(atol=1e-5, rtol=1e-5)
 
 
 def _hook_count(backbone) -> int:
@@ -33,6 +41,36 @@ def test_same_seed_same_features_bit_for_bit(tiny_backbone):
     assert not torch.equal(a[FeatureKey("mid", 300)], c[FeatureKey("mid", 300)])
 
 
+def test_identical_batching_is_bit_for_bit_whatever_the_nodes_and_early_exit(tiny_backbone):
+    """Same seed, images, batch_size, batch_timesteps and timestep list: equal bit for bit."""
+    images = make_images(tiny_backbone, n=5)
+    reference = FeatureExtractor(tiny_backbone, tiny_backbone.node_names, [10, 500], seed=3, batch_size=4,
+                                 early_exit=False)(images)
+    for nodes in (["down.0"], ["down.1", "mid"], tiny_backbone.node_names):
+        for early_exit in (True, False):
+            again = FeatureExtractor(tiny_backbone, nodes, [10, 500], seed=3, batch_size=4, early_exit=early_exit)(images)
+            assert set(again) == {FeatureKey(n, t) for n in nodes for t in (10, 500)}
+            assert all(torch.equal(again[k], reference[k]) for k in again), (nodes, early_exit)
+
+
+@pytest.mark.parametrize("other", [
+    dict(timesteps=[10, 500], batch_size=1, batch_timesteps=False),  # one row per forward
+    dict(timesteps=[10, 500], batch_size=3),  # chunks of one image, two timesteps
+    dict(timesteps=[10], batch_size=64),  # another timestep list: fewer rows per forward
+    dict(timesteps=[500, 10, 250], batch_size=64, early_exit=True),  # another list and order, early exit
+])
+def test_other_batching_agrees_within_the_stated_tolerance(tiny_backbone, other):
+    images = make_images(tiny_backbone, n=5)
+    nodes = tiny_backbone.node_names
+    reference = FeatureExtractor(tiny_backbone, nodes, [10, 500], seed=3, batch_size=64)(images)
+    other = dict(other)
+    features = FeatureExtractor(tiny_backbone, nodes, other.pop("timesteps"), seed=3, **other)(images)
+    common = [k for k in features if k in reference]
+    assert len(common) == len(nodes) * len({10, 500} & {k.timestep for k in features})
+    for key in common:
+        torch.testing.assert_close(features[key], reference[key], **BATCHING_TOLERANCE, msg=str(key))
+
+
 def test_hooks_removed_after_call_and_after_exception(tiny_backbone, monkeypatch):
     images = make_images(tiny_backbone)
     assert _hook_count(tiny_backbone) == 0
@@ -48,25 +86,67 @@ def test_hooks_removed_after_call_and_after_exception(tiny_backbone, monkeypatch
     assert _hook_count(tiny_backbone) == 0
 
 
-def test_extraction_does_not_change_unet_output(tiny_backbone):
-    images = make_images(tiny_backbone)
+def _check_extraction_leaves_unet_output(backbone) -> None:
+    images = make_images(backbone)
     t = torch.full((images.shape[0],), 50)
     with torch.no_grad():
-        before = tiny_backbone(images, t)
-        FeatureExtractor(tiny_backbone, tiny_backbone.node_names, [50], early_exit=False)(images)
-        after = tiny_backbone(images, t)
+        before = backbone(images, t)
+        FeatureExtractor(backbone, backbone.node_names, [50], early_exit=False)(images)
+        after = backbone(images, t)
+    assert before.abs().amax() > 1e-3  # an informative output: zeros would equal zeros whatever happened
     assert torch.equal(before, after)
 
 
-def test_captured_last_node_feeds_the_output_head(backbone_2d):
-    """Reference check: the final up node through MONAI's ``out`` layer equals the U-Net's output."""
-    images = make_images(backbone_2d)
-    last = backbone_2d.node_names[-1]
-    features = FeatureExtractor(backbone_2d, [last], [0], noise="none")(images)
+def _check_last_node_feeds_the_output_head(backbone) -> None:
+    """The final up node (captured with every node hooked) through MONAI's ``out`` layer is the U-Net's output."""
+    images = make_images(backbone)
+    last = backbone.node_names[-1]
+    features = FeatureExtractor(backbone, backbone.node_names, [0], noise="none", early_exit=False)(images)
     with torch.no_grad():
-        expected = backbone_2d(backbone_2d.to_model_range(images), torch.zeros(images.shape[0], dtype=torch.long))
-        via_node = backbone_2d.unet.out(features[FeatureKey(last, 0)])
+        expected = backbone(backbone.to_model_range(images), torch.zeros(images.shape[0], dtype=torch.long))
+        via_node = backbone.unet.out(features[FeatureKey(last, 0)])
+    assert expected.abs().amax() > 1e-3
     torch.testing.assert_close(via_node, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_extraction_does_not_change_unet_output(tiny_backbone):
+    _check_extraction_leaves_unet_output(tiny_backbone)
+
+
+def test_captured_last_node_feeds_the_output_head(tiny_backbone):
+    _check_last_node_feeds_the_output_head(tiny_backbone)
+
+
+@contextmanager
+def _hooks_that_change_activations(modules, stop_after=None, leak=False):
+    """A broken capture_nodes: its hooks return out * 3 + 1 (and with ``leak``, are never removed)."""
+    captured, handles = {}, []
+
+    def hook(name):
+        def change(_module, _inputs, output):
+            captured[name] = output * 3 + 1
+            return captured[name]
+
+        return change
+
+    for name, module in modules.items():
+        handles.append(module.register_forward_hook(hook(name)))
+    try:
+        yield captured
+    finally:
+        if not leak:
+            for handle in handles:
+                handle.remove()
+
+
+def test_the_two_checks_catch_hooks_that_change_activations(tiny_backbone, monkeypatch):
+    """Both checks fail when the extractor's hooks change what flows through the U-Net."""
+    monkeypatch.setattr(extractor_module, "capture_nodes", _hooks_that_change_activations)
+    with pytest.raises(AssertionError):
+        _check_last_node_feeds_the_output_head(tiny_backbone)
+    monkeypatch.setattr(extractor_module, "capture_nodes", partial(_hooks_that_change_activations, leak=True))
+    with pytest.raises(AssertionError):
+        _check_extraction_leaves_unet_output(tiny_backbone)
 
 
 @pytest.mark.parametrize("nodes", [["down.0"], ["down.1", "mid"], ["mid"]])
@@ -94,7 +174,7 @@ def test_batched_timesteps_and_batch_size_agree_with_reference(backbone_2d):
     batched = FeatureExtractor(backbone_2d, nodes, [5, 250, 750], batch_size=64)(images)
     separate = FeatureExtractor(backbone_2d, nodes, [5, 250, 750], batch_timesteps=False, batch_size=2)(images)
     for key in batched:
-        torch.testing.assert_close(batched[key], separate[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(batched[key], separate[key], **BATCHING_TOLERANCE)
 
 
 def test_shared_noise_matches_manual_reference(backbone_2d):

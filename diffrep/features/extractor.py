@@ -46,7 +46,10 @@ class FeatureExtractor:
         nodes: node names (see ``backbone.feature_info()``).
         timesteps: integers in 0..T-1 (0 = least noise).
         noise: ``"shared"``, ``"ensemble(k)"`` or ``"none"`` (see NoisePolicy).
-        seed: seed of the noise draws; same seed, same features, bit for bit on CPU.
+        seed: seed of the noise draws. Same seed, images and batching (``batch_size``,
+            ``batch_timesteps``, ``timesteps``): same features, bit for bit on CPU; ``early_exit``
+            and ``nodes`` do not change them. Other batching changes float32 rounding only
+            (features agree within atol = rtol = 1e-5).
         batch_size: most rows the U-Net sees in one forward (images x batched timesteps).
         batch_timesteps: put all timesteps of an image chunk into one forward.
         early_exit: stop the forward after the last requested node.
