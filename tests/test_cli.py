@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,9 +70,25 @@ def test_cli_errors_are_clear(checkpoint, tmp_path, capsys):
     assert "neither a checkpoint directory nor a shipped default" in capsys.readouterr().err
 
 
+# The shipped defaults with what the README records for them: training steps of the shipped run and
+# the held-out eps-MSE at t = 10 (README "Shipped defaults" tables, 4 decimals).
+SHIPPED = {"brain-ddpm": {"steps": 7000, "dataset": "mni152-2009a-axial", "loss_t10": 0.5037},
+           "fmnist-ddpm": {"steps": 4000, "dataset": "fashion-mnist", "loss_t10": 0.3489},
+           "fmnist-ddpm-long": {"steps": 2000, "dataset": "fashion-mnist", "loss_t10": 0.3451}}
+
+
 def test_zoo_lists_entries(capsys):
     assert main(["zoo", "--json"]) == 0
-    entries = json.loads(capsys.readouterr().out)
-    assert isinstance(entries, list)
-    for entry in entries:
-        assert {"name", "path", "provenance"} <= set(entry)
+    entries = {entry["name"]: entry for entry in json.loads(capsys.readouterr().out)}
+    assert sorted(entries) == sorted(SHIPPED)
+    for name, expected in SHIPPED.items():
+        entry, provenance = entries[name], entries[name]["provenance"]
+        assert sorted(p.name for p in Path(entry["path"]).iterdir()) == ["config.json", "model.safetensors"]
+        assert provenance["complete"] is True and provenance["weights"] == "EMA"
+        assert provenance["recipe"]["name"] == name and provenance["steps"] == expected["steps"]
+        assert provenance["data"]["dataset"] == expected["dataset"]
+        assert set(provenance["heldout_loss"]) == {"10", "100", "250", "500", "900"}
+        assert round(provenance["heldout_loss"]["10"], 4) == expected["loss_t10"]
+        assert all(0.95 < v < 1.05 for v in provenance["heldout_loss_fresh_init"].values())
+        assert {"torch", "monai", "python"} <= set(provenance["versions"])
+    assert entries["fmnist-ddpm-long"]["provenance"]["recipe"]["init_from"] == "runs/fmnist-ddpm/train_state.pt"
