@@ -8,6 +8,8 @@ from monai.networks.nets import DiffusionModelUNet
 from diffrep.backbones import CheckpointError
 from diffrep.backbones.monai_import import from_monai_unet, import_monai_state_dict, infer_unet_config
 
+from .conftest import informative_init_
+
 ARCH = dict(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 16), attention_levels=(False, True),
             num_res_blocks=1, norm_num_groups=8, num_head_channels=8)
 
@@ -15,10 +17,9 @@ ARCH = dict(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 16), att
 def _user_unet(**overrides) -> DiffusionModelUNet:
     torch.manual_seed(3)
     unet = DiffusionModelUNet(**{**ARCH, **overrides})
-    with torch.no_grad():  # MONAI zero-initialises the output conv; make outputs informative
-        for p in unet.out.parameters():
-            p.normal_(0, 0.1)
-    return unet.eval()
+    # MONAI zero-initialises the output conv and every residual branch's last conv: re-initialise them all,
+    # so that a weight imported into the wrong place changes the output
+    return informative_init_(unet).eval()
 
 
 @pytest.mark.parametrize("overrides", [{}, {"spatial_dims": 3}, {"resblock_updown": True}])
