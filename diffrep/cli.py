@@ -33,7 +33,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         if not args.allow_other_size:  # refused below instead of warned about
             warnings.simplefilter("ignore", ImageSizeWarning)
-        images = read_images(args.input, backbone)
+        images = backbone.check_images(read_images(args.input, backbone), name=f"input {args.input}")
         backbone.check_image_size(tuple(images.shape[2:]), refuse=not args.allow_other_size, name=f"input {args.input}")
         out = extract_to_file(backbone, images, args.nodes, args.timesteps, Path(args.out), noise=args.noise,
                               seed=args.seed, batch_size=args.batch_size)

@@ -108,14 +108,14 @@ def test_float_images_far_outside_the_data_range_are_refused(tmp_path):
     rng = np.random.default_rng(0)
     np.save(tmp_path / "x255.npy", (rng.random((2, 16, 16)) * 255).astype(np.float32))
     with pytest.raises(ValueError, match=r"x255\.npy: values span .*data range \[0, 1\].*Backbone\.normalise"):
-        read_images(tmp_path / "x255.npy", backbone)
+        backbone.check_images(read_images(tmp_path / "x255.npy", backbone), name=str(tmp_path / "x255.npy"))
     with pytest.raises(ValueError, match=r"data range \[0, 1\]"):  # the library refuses the same way
         backbone.check_images(torch.rand(2, 1, 16, 16) * 255)
     with pytest.raises(ValueError, match=r"data range \[0, 1\]"):  # [-1, 1] data for a [0, 1] model
         backbone.check_images(torch.rand(2, 1, 16, 16) * 2 - 1)
     noisy = np.clip(rng.random((2, 16, 16)) + rng.normal(0, 0.1, (2, 16, 16)), -0.3, 1.3).astype(np.float32)
     np.save(tmp_path / "noisy.npy", noisy)
-    assert read_images(tmp_path / "noisy.npy", backbone).shape == (2, 1, 16, 16)  # slightly outside: accepted
+    assert backbone.check_images(read_images(tmp_path / "noisy.npy", backbone)).shape == (2, 1, 16, 16)  # accepted
 
 
 def test_data_range_tolerance_is_half_the_range_width():
@@ -129,7 +129,7 @@ def test_data_range_tolerance_is_half_the_range_width():
 def test_npy_of_the_wrong_rank_names_the_file(tmp_path):
     np.save(tmp_path / "flat.npy", np.zeros((4, 16), np.float32))
     with pytest.raises(ValueError, match=r"flat\.npy: expected a tensor of rank 4"):
-        read_images(tmp_path / "flat.npy", make_backbone())
+        make_backbone().check_images(read_images(tmp_path / "flat.npy", make_backbone()), name="flat.npy")
 
 
 def test_trained_image_size_is_read_from_provenance():

@@ -23,8 +23,9 @@ def read_images(path: str | os.PathLike, backbone: Backbone) -> torch.Tensor:
 
     Integer images are scaled to the backbone's data range by their own bit depth (8-bit by 255,
     16-bit by 65535; see ``read_image_file``); float ``.npy`` input must already be in the data range.
-    Folders are read in sorted file-name order; any other file in the folder is an error. The result
-    is checked with ``Backbone.check_images``, so every error names ``path``.
+    Folders are read in sorted file-name order; any other file in the folder is an error. Callers
+    check the result with ``Backbone.check_images(images, name=...)`` naming ``path`` their own way
+    (rank, channels, finite values, data range).
     """
     path = Path(path)
     if not path.exists():
@@ -41,7 +42,7 @@ def read_images(path: str | os.PathLike, backbone: Backbone) -> torch.Tensor:
         tensor = backbone.normalise(array)
     else:
         raise ValueError(f"input: expected a .npy file or a folder of {'/'.join(IMAGE_SUFFIXES)} images, got {path}")
-    return backbone.check_images(tensor, name=f"input {path}")
+    return tensor
 
 
 def _read_folder(path: Path, backbone: Backbone) -> torch.Tensor:
