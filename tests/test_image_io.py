@@ -195,3 +195,20 @@ def test_extract_cli_reads_a_16bit_png_folder(tmp_path):
                  "--out", str(tmp_path / "f.safetensors")]) == 0
     expected = FeatureExtractor(backbone, ["mid"], [3])(torch.from_numpy(_ramp(16) / np.float32(65535))[None, None])
     torch.testing.assert_close(load_file(tmp_path / "f.safetensors")["mid@3"], expected[("mid", 3)])
+
+
+def test_16bit_rgb_png_is_scaled_by_its_bit_depth(tmp_path):
+    """Pillow has no 48-bit writer, so the PNG is encoded by hand (IHDR bit depth 16, colour type 2)."""
+    import struct
+    import zlib
+
+    from diffrep.features.io import read_image_file
+
+    pixels = (np.arange(4 * 4 * 3).reshape(4, 4, 3) * 1300).astype(">u2")
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    raw = b"".join(b"\x00" + row.tobytes() for row in pixels)
+    (tmp_path / "rgb16.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 16, 2, 0, 0, 0))
+                                         + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    got = read_image_file(tmp_path / "rgb16.png", 3).transpose(1, 2, 0)
+    np.testing.assert_allclose(got, pixels.astype(np.float32) / 65535, atol=1 / 255)  # Pillow keeps 8 bits
