@@ -23,13 +23,20 @@ def _cmd_nodes(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
+    import warnings
+
     from .backbones import load_backbone
+    from .backbones.backbone import ImageSizeWarning
     from .features.io import extract_to_file, read_images
 
     backbone = load_backbone(args.checkpoint)
-    images = read_images(args.input, backbone)
-    out = extract_to_file(backbone, images, args.nodes, args.timesteps, Path(args.out), noise=args.noise,
-                          seed=args.seed, batch_size=args.batch_size)
+    with warnings.catch_warnings():
+        if not args.allow_other_size:  # refused below instead of warned about
+            warnings.simplefilter("ignore", ImageSizeWarning)
+        images = backbone.check_images(read_images(args.input, backbone), name=f"input {args.input}")
+        backbone.check_image_size(tuple(images.shape[2:]), refuse=not args.allow_other_size, name=f"input {args.input}")
+        out = extract_to_file(backbone, images, args.nodes, args.timesteps, Path(args.out), noise=args.noise,
+                              seed=args.seed, batch_size=args.batch_size)
     print(f"wrote features of {images.shape[0]} image(s) to {out}")
     return 0
 
@@ -88,15 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_nodes)
 
-    p = sub.add_parser("extract", help="extract features of images (.npy or a folder of PNGs) to a .safetensors file")
+    p = sub.add_parser("extract", help="extract features of images (.npy or an image folder) to a .safetensors file")
     p.add_argument("checkpoint")
-    p.add_argument("input", help=".npy array (N,C,H,W)/(N,H,W) or a folder of PNG files")
+    p.add_argument("input", help=".npy array (N,C,H,W)/(N,H,W) or a folder of PNG/JPEG/TIFF files (8/16-bit, grey or RGB)")
     p.add_argument("--nodes", nargs="+", required=True)
     p.add_argument("--timesteps", nargs="+", type=int, required=True)
     p.add_argument("--noise", default="shared")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", required=True)
+    p.add_argument("--allow-other-size", action="store_true",
+                   help="extract from images of another size than the backbone was trained on (refused by default)")
     p.set_defaults(func=_cmd_extract)
 
     p = sub.add_parser("train", help="train a DDPM from a recipe (works under torchrun)")

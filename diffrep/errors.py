@@ -47,3 +47,31 @@ def as_float_images(images: Any, *, in_channels: int, spatial_dims: int, name: s
         bad = int((~torch.isfinite(tensor)).sum())
         raise ValueError(f"{name}: expected finite values, got {bad} NaN/Inf element(s)")
     return tensor.float()
+
+
+# Images may stray outside the data range by this share of its width on either side (sensor noise,
+# interpolation overshoot, augmentation) before they are refused as being on another scale.
+DATA_RANGE_TOLERANCE = 0.5
+
+
+def check_data_range(images: torch.Tensor, low: float, high: float, name: str = "images",
+                     description: str = "") -> torch.Tensor:
+    """Refuse float images far outside the data range ``[low, high]`` a backbone was trained on.
+
+    Values up to ``DATA_RANGE_TOLERANCE`` x (high - low) beyond either end pass (noisy in-range
+    data); anything further (0..255 floats for a [0, 1] model, [-1, 1] data for a [0, 1] model) is
+    a ValueError naming the range expected and what arrived. The one check used by the library
+    (``Backbone.check_images``) and therefore by every command.
+    """
+    if images.numel() == 0:
+        return images
+    margin = DATA_RANGE_TOLERANCE * (high - low)
+    lo, hi = float(images.min()), float(images.max())
+    if lo < low - margin or hi > high + margin:
+        what = f" ({description})" if description else ""
+        raise ValueError(
+            f"{name}: values span [{lo:.4g}, {hi:.4g}], far outside the backbone's data range [{low:g}, {high:g}]{what}; "
+            f"accepted are values in [{low - margin:g}, {high + margin:g}]. Scale the images into the data range "
+            "first: Backbone.normalise(images) maps uint8 0..255 to it, float images must already be in it"
+        )
+    return images

@@ -29,7 +29,9 @@ from sklearn.base import clone
 
 from ._types import FeatureKey
 from .backbones.backbone import Backbone
+from .features.aggregate import check_pool_grid
 from .features.cache import DEFAULT_CACHE_DIR, backbone_identity, cached_pooled_features
+from .features.noise_policy import NoisePolicy
 from .heads.linear_probe import LinearProbe
 from .heads.selection import (
     SelectionResult, carve_validation, default_concatenations, key_name, sample_per_class, select_node_timestep,
@@ -97,6 +99,7 @@ def run_probe(backbone: Backbone, train_images: torch.Tensor, train_labels: Any,
                          f"and {y_test.shape} for {test_images.shape[0]} test images")
     nodes = backbone.check_nodes(backbone.node_names if nodes is None else nodes)
     timesteps = list(dict.fromkeys(backbone.check_timesteps(timesteps)))
+    check_pool_grid(pool_grid, *backbone.max_pool_grid(nodes, tuple(train_images.shape[2:])))
     probe = LinearProbe() if probe is None else probe
     started = time.perf_counter()
     n = y.shape[0]
@@ -172,19 +175,46 @@ def load_probe_dataset(name: str, backbone: Backbone, limit_train: int | None = 
         raise ValueError(f"dataset: expected one of {list(DATASETS)}, got {name!r}")
     from .data.fashion_mnist import load_fashion_mnist, to_tensor_images
 
+    size = probe_image_size(name, backbone)
     xtr, ytr = load_fashion_mnist("train")
     xte, yte = load_fashion_mnist("test")
     if limit_train is not None:
         xtr, ytr = xtr[:limit_train], ytr[:limit_train]
     if limit_test is not None:
         xte, yte = xte[:limit_test], yte[:limit_test]
-    multiple = backbone.config.unet.size_multiple
-    size = math.ceil(28 / multiple) * multiple
     pad = None if size == 28 else size
     to_range = lambda x: backbone.to_data_range(to_tensor_images(x, pad_to=pad) * 2 - 1)  # noqa: E731
     info = {"dataset": "fashion-mnist", "n_train": int(ytr.size), "n_test": int(yte.size), "image_size": size,
             "padding": "none" if pad is None else f"zero-pad 28 -> {pad}"}
     return to_range(xtr), ytr, to_range(xte), yte, info
+
+
+def probe_image_size(name: str, backbone: Backbone) -> int:
+    """The side of the (square) images ``load_probe_dataset`` gives ``backbone``: 28, zero-padded to its size multiple."""
+    if name != "fmnist":
+        raise ValueError(f"dataset: expected one of {list(DATASETS)}, got {name!r}")
+    multiple = backbone.config.unet.size_multiple
+    return math.ceil(28 / multiple) * multiple
+
+
+def _check_probe_args(args: argparse.Namespace, backbone: Backbone) -> None:
+    """Refuse bad options before any data is loaded or feature computed (errors name the option)."""
+    nodes = backbone.check_nodes(backbone.node_names if args.nodes is None else args.nodes)
+    backbone.check_timesteps(args.timesteps)
+    NoisePolicy.parse(args.noise)
+    size = probe_image_size(args.dataset, backbone)
+    bound, reason = backbone.max_pool_grid(nodes, (size, size))
+    check_pool_grid(args.pool_grid, bound, where=f"--pool-grid: {reason}")
+    for option in ("batch_size", "chunk_size", "grid_fit", "limit_train", "limit_test", "labels_per_class", "max_iter"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise ValueError(f"--{option.replace('_', '-')}: expected a positive integer, got {value}")
+    if not 0 < args.val_fraction < 1:
+        raise ValueError(f"--val-fraction: expected a number in (0, 1), got {args.val_fraction}")
+    if Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        raise ValueError(f"--cache-dir: {args.cache_dir} is an existing file; expected a directory")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out: {args.out} is an existing file; expected a directory")
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
@@ -193,6 +223,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     backbone = load_backbone(args.backbone)
+    _check_probe_args(args, backbone)
     xtr, ytr, xte, yte, data_info = load_probe_dataset(args.dataset, backbone, args.limit_train, args.limit_test)
     run = run_probe(backbone, xtr, ytr, xte, yte, nodes=args.nodes, timesteps=args.timesteps, noise=args.noise,
                     seed=args.seed, val_fraction=args.val_fraction, labels_per_class=args.labels_per_class,

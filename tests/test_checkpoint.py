@@ -58,3 +58,50 @@ def test_schedule_round_trip(schedule, tmp_path):
     save_backbone(backbone, tmp_path / "ckpt")
     loaded = load_backbone(tmp_path / "ckpt")
     torch.testing.assert_close(loaded.alphas_cumprod, backbone.alphas_cumprod)
+
+
+def _rewrite_weights(directory, change):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(directory / "model.safetensors"))
+    change(state)
+    save_file(state, str(directory / "model.safetensors"))
+
+
+def test_int8_weights_are_refused_naming_file_and_tensor(backbone_2d, tmp_path):
+    from diffrep.backbones import CheckpointError
+
+    save_backbone(backbone_2d, tmp_path / "ckpt")
+    name = "conv_in.conv.weight"
+    _rewrite_weights(tmp_path / "ckpt", lambda s: s.update({name: s[name].mul(100).to(torch.int8)}))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors holds 1 non-float .*conv_in\.conv\.weight \(torch\.int8\)"):
+        load_backbone(tmp_path / "ckpt")
+
+
+def test_non_finite_weights_are_refused_at_load_and_save(backbone_2d, tmp_path):
+    from diffrep.backbones import CheckpointError
+
+    save_backbone(backbone_2d, tmp_path / "ckpt")
+    name = "middle_block.resnet_1.conv1.conv.weight"
+    def poison(state):
+        state[name].view(-1)[0] = float("nan")
+    _rewrite_weights(tmp_path / "ckpt", poison)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors holds NaN/Inf .*middle_block\.resnet_1\.conv1\.conv\.weight \(1 of"):
+        load_backbone(tmp_path / "ckpt")
+    with torch.no_grad():
+        backbone_2d.unet.out[2].conv.bias[0] = float("inf")
+    with pytest.raises(CheckpointError, match=r"NaN/Inf values in 1 tensor.*out\.2\.conv\.bias"):
+        save_backbone(backbone_2d, tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_corrupt_weights_name_the_file(backbone_2d, tmp_path, damage):
+    from diffrep.backbones import CheckpointError
+
+    save_backbone(backbone_2d, tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
+    with pytest.raises(CheckpointError, match=r"ckpt/model\.safetensors is not a readable safetensors file"):
+        load_backbone(tmp_path / "ckpt")

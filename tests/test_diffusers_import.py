@@ -107,3 +107,24 @@ def test_a_diffusers_backbone_is_not_saved_as_a_monai_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="save_pretrained"):
         save_backbone(backbone, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_truncated_or_poisoned_diffusers_weights_name_the_file(tmp_path):
+    folder = _pipeline(tmp_path, _user_model())
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[: len(original) // 2])
+    with pytest.raises(CheckpointError, match=r"could not read the UNet weights \['diffusion_pytorch_model\.safetensors'\]"):
+        load_backbone(folder)
+    from safetensors.torch import load_file, save_file
+
+    weights.write_bytes(original)
+    state = load_file(str(weights))
+    state["conv_in.weight"].view(-1)[0] = float("nan")
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"NaN/Inf values in 1 tensor.*conv_in\.weight"):
+        load_backbone(folder)
+
+
+def test_sample_size_is_recorded_as_the_training_size(tmp_path):
+    assert load_backbone(_pipeline(tmp_path, _user_model())).trained_image_size == (16, 16)

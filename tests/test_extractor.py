@@ -219,3 +219,12 @@ def test_features_are_fp16_when_asked(backbone_2d):
     features = FeatureExtractor(backbone_2d, ["mid"], [10], dtype=torch.float16)(make_images(backbone_2d))
     assert features[FeatureKey("mid", 10)].dtype == torch.float16
 
+
+
+def test_non_finite_features_are_refused_naming_node_and_timestep(backbone_2d):
+    images = make_images(backbone_2d)
+    with torch.no_grad():  # a NaN weight injected in a live module, after loading
+        backbone_2d.unet.middle_block.resnet_1.conv1.conv.weight.view(-1)[0] = float("nan")
+    FeatureExtractor(backbone_2d, ["down.0"], [10])(images)  # nodes before the NaN stay finite
+    with pytest.raises(ValueError, match=r"node 'mid' at timestep 10 has \d+ NaN/Inf value"):
+        FeatureExtractor(backbone_2d, ["down.0", "mid"], [10, 20])(images)

@@ -70,3 +70,41 @@ def test_import_cli(tmp_path):
     x, t = torch.randn(1, 1, 8, 8), torch.tensor([3])
     with torch.no_grad():
         assert torch.equal(load_backbone(tmp_path / "ckpt")(x, t), unet(x, t))
+
+
+def test_omitted_arguments_take_monais_defaults_and_reproduce_the_model(tmp_path, capsys):
+    """A user model built with MONAI's defaults (norm_num_groups=32, num_head_channels=8, two res
+    blocks...) and an arch.yaml naming only the required arguments: the import reproduces it exactly."""
+    import yaml
+
+    from diffrep import load_backbone
+    from diffrep.cli import main
+
+    from .conftest import informative_init_
+
+    torch.manual_seed(5)
+    user = informative_init_(DiffusionModelUNet(spatial_dims=2, in_channels=1, out_channels=1,
+                                                channels=(32, 64, 64, 64))).eval()
+    torch.save(user.state_dict(), tmp_path / "unet.pt")
+    (tmp_path / "arch.yaml").write_text(yaml.safe_dump({"unet": {"spatial_dims": 2, "in_channels": 1,
+                                                                 "out_channels": 1}}))
+    assert main(["import-monai", str(tmp_path / "unet.pt"), "--arch", str(tmp_path / "arch.yaml"),
+                 "--out", str(tmp_path / "ckpt")]) == 0, capsys.readouterr().err
+    imported = load_backbone(tmp_path / "ckpt")
+    assert imported.config.unet.norm_num_groups == 32 and imported.config.unet.num_head_channels == 8
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 600])
+    with torch.no_grad():
+        assert torch.equal(imported(x, t), user(x, t))
+
+
+def test_import_refuses_what_it_cannot_reproduce(tmp_path):
+    torch.save(_user_unet().state_dict(), tmp_path / "unet.pt")
+    with pytest.raises(ValueError, match=r"unknown DiffusionModelUNet argument\(s\) \['channel'\]"):
+        import_monai_state_dict(tmp_path / "unet.pt", {"unet": {**ARCH, "channel": (8, 16)}})
+    with pytest.raises(ValueError, match=r"missing required DiffusionModelUNet argument\(s\) \['in_channels'\]"):
+        import_monai_state_dict(tmp_path / "unet.pt", {"unet": {k: v for k, v in ARCH.items() if k != "in_channels"}})
+    with pytest.raises(ValueError, match=r"got \{'norm_eps': 1e-05\}; such a model cannot be reproduced"):
+        import_monai_state_dict(tmp_path / "unet.pt", {"unet": {**ARCH, "norm_eps": 1e-5}})
+    import_monai_state_dict(tmp_path / "unet.pt", {"unet": {**ARCH, "norm_eps": 1e-6}})  # MONAI's default: fine
+    with pytest.raises(CheckpointError, match=r"unet\.pt does not match its config: .*missing key"):
+        import_monai_state_dict(tmp_path / "unet.pt", {"unet": {**ARCH, "num_res_blocks": 2}})

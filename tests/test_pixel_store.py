@@ -108,3 +108,14 @@ def test_store_rejects_out_of_range_labels_and_empty_input(tmp_path):
         build_pixel_store(tmp_path, _extractor(), images, labels, num_classes=3)
     with pytest.raises(ValueError, match="N = 0"):
         ArrayPixels(torch.zeros(0, 4, 8, 8), torch.zeros(0, 8, 8, dtype=torch.long))
+
+
+def test_truncated_pixel_chunk_is_an_error_naming_the_chunk_file(tmp_path):
+    images, labels = _data(2)
+    store = build_pixel_store(tmp_path, _extractor(), images, labels, num_classes=3)
+    chunk = store.path / "chunk-000001.safetensors"
+    chunk.write_bytes(chunk.read_bytes()[:64])
+    store.read_labels(0)
+    for read in (store.read, store.read_labels):
+        with pytest.raises(ValueError, match=r"chunk-000001\.safetensors is unreadable"):
+            read(1)

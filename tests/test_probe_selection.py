@@ -308,3 +308,16 @@ def test_benchmark_writes_json_and_heatmap(tmp_path, tiny_dir):
     assert {r["method"]: r["test_accs"] for r in lever["rows"] if r["method"].startswith("diffrep")} == \
         {r["method"]: r["test_accs"] for r in payload["rows"] if r["method"].startswith("diffrep")}
     assert (tmp_path / "out" / "classification_fmnist_lever_quick_heatmap.png").is_file()
+
+
+def test_pool_grid_is_bounded_by_the_smallest_feature_map(tmp_path, tiny):
+    backbone, images = tiny  # 8x8 images: down.1 and mid give 4x4 maps
+    with pytest.raises(ValueError, match=r"pool grid: expected at most 4, .*spatial size \(4, 4\)\), got 5"):
+        pool({A: torch.zeros(1, 2, 4, 4)}, grid=5)
+    with pytest.raises(ValueError, match=r"expected at most 4, .*node 'down.1' gives 4x4 maps for 8x8 images.*got 100"):
+        cached_pooled_features(backbone, images, nodes=["down.0", "down.1"], timesteps=[3], cache_dir=tmp_path,
+                               progress=False, pool_grid=100)
+    assert not list(tmp_path.iterdir())  # refused before any store was made
+    got = cached_pooled_features(backbone, images, nodes=["down.0"], timesteps=[3], cache_dir=tmp_path,
+                                 progress=False, pool_grid=8)  # down.0 keeps the image size
+    assert got[FeatureKey("down.0", 3)].shape == (10, 8 * 64)

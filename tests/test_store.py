@@ -34,3 +34,22 @@ def test_different_fingerprint_never_reads_stale_chunks(tmp_path):
     assert a.path != b.path and b.chunk_ids() == []
     with pytest.raises(KeyError, match="has not been written"):
         b.read(0)
+
+
+def test_truncated_chunk_is_an_error_naming_the_chunk_file(tmp_path):
+    store = FeatureStore(tmp_path, {"seed": 0}).fill(2, lambda i: {"x": torch.randn(50, 8)})
+    chunk = store.path / "chunk-000001.safetensors"
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    torch.testing.assert_close(store.read(0)["x"].shape, torch.Size([50, 8]))
+    with pytest.raises(ValueError, match=r"chunk .*chunk-000001\.safetensors is unreadable .*delete that file"):
+        store.read(1)
+    (store.path / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"manifest\.json is not valid JSON"):
+        FeatureStore(tmp_path, {"seed": 0})
+
+
+def test_a_root_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "cache").write_text("a file")
+    with pytest.raises(ValueError, match=r"cache dir: .*cache is an existing file; expected a directory"):
+        FeatureStore(tmp_path / "cache", {"seed": 0})
+    assert (tmp_path / "cache").read_text() == "a file"

@@ -7,6 +7,7 @@ in forward order. MONAI's ``down_blocks[i]`` returns a tuple, so the hook sits o
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -16,8 +17,12 @@ from monai.networks.schedulers import DDPMScheduler
 from torch import nn
 
 from .._types import FeatureInfo
-from ..errors import as_float_images
+from ..errors import as_float_images, check_data_range
 from .config import BackboneConfig
+
+
+class ImageSizeWarning(UserWarning):
+    """Images of another spatial size than the one the backbone was trained on."""
 
 
 class Backbone:
@@ -114,8 +119,15 @@ class Backbone:
         return tensor.float()
 
     def check_images(self, images: Any, name: str = "images") -> torch.Tensor:
-        """Validate an image batch for this U-Net and return it as float32 (N, C, *spatial)."""
+        """Validate an image batch for this U-Net and return it as float32 (N, C, *spatial).
+
+        Refuses wrong rank/channels, non-finite values, sizes the U-Net cannot take, and values far
+        outside the data range (see ``diffrep.errors.check_data_range``); a spatial size other than
+        the one the U-Net was trained on only warns (see ``check_image_size``).
+        """
         tensor = as_float_images(images, in_channels=self.in_channels, spatial_dims=self.spatial_dims, name=name)
+        norm = self.config.normalisation
+        check_data_range(tensor, norm.low, norm.high, name=name, description=norm.description)
         multiple = self.config.unet.size_multiple
         spatial = tuple(tensor.shape[2:])
         if any(s % multiple for s in spatial):
@@ -123,7 +135,29 @@ class Backbone:
                 f"{name}: every spatial size must be divisible by {multiple} (2^(levels-1) for "
                 f"{self.config.unet.levels} levels), got spatial size {spatial}; pad or resize the images"
             )
+        self.check_image_size(spatial, refuse=False, name=name)
         return tensor
+
+    @property
+    def trained_image_size(self) -> tuple[int, ...] | None:
+        """The spatial size of the training images, if the checkpoint records it (see BackboneConfig)."""
+        return self.config.trained_image_size()
+
+    def check_image_size(self, spatial: tuple[int, ...], *, refuse: bool, name: str = "images") -> None:
+        """Compare a spatial size with the training size: warn (library) or raise ValueError (``refuse``, the CLI).
+
+        A U-Net runs on any size divisible by ``size_multiple``, but its features drift away from
+        the ones it learned on another scale, so the library warns and the CLI refuses unless told
+        otherwise. Nothing is checked when the checkpoint does not record its training size.
+        """
+        trained = self.trained_image_size
+        if trained is None or tuple(spatial) == trained:
+            return
+        message = (f"{name}: spatial size {tuple(spatial)} differs from the size this backbone was trained on "
+                   f"{trained}; its features at another scale are not what it learned")
+        if refuse:
+            raise ValueError(message + "; resize the images, or pass --allow-other-size to extract anyway")
+        warnings.warn(message, ImageSizeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ nodes
     def feature_info(self) -> list[FeatureInfo]:
@@ -133,6 +167,22 @@ class Backbone:
     @property
     def node_names(self) -> list[str]:
         return [info.name for info in self._feature_info]
+
+    def feature_map_size(self, node: str, spatial: tuple[int, ...]) -> tuple[int, ...]:
+        """The spatial size of node ``node``'s map for images of spatial size ``spatial``."""
+        stride = next(i.stride for i in self._feature_info if i.name == self.check_nodes([node])[0])
+        return tuple(int(s) // stride for s in spatial)
+
+    def max_pool_grid(self, nodes: Any, spatial: tuple[int, ...]) -> tuple[int, str]:
+        """The largest pooling grid the maps of ``nodes`` allow for images of size ``spatial``, and why.
+
+        Returns ``(bound, reason)``: the smallest side over the requested nodes' maps, and a phrase
+        naming that node and its map size, for error messages.
+        """
+        sizes = {node: self.feature_map_size(node, spatial) for node in self.check_nodes(nodes)}
+        node = min(sizes, key=lambda n: min(sizes[n]))
+        return min(sizes[node]), f"node {node!r} gives {'x'.join(map(str, sizes[node]))} maps for " \
+                                 f"{'x'.join(map(str, spatial))} images"
 
     def node_module(self, name: str) -> nn.Module:
         """The module whose forward output is node ``name``."""

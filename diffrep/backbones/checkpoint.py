@@ -35,6 +35,7 @@ def save_backbone(backbone: Backbone, directory: str | os.PathLike, *, dtype: to
         raise CheckpointError(f"save_backbone: diffrep checkpoints hold MONAI DiffusionModelUNets, got "
                               f"{type(backbone.unet).__name__}; keep a diffusers model in its own folder "
                               "(save_pretrained) and load it with load_backbone(folder)")
+    check_weights(backbone.unet.state_dict(), source=f"save_backbone to {directory}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
@@ -89,8 +90,26 @@ def load_checkpoint(directory: str | os.PathLike) -> Backbone:
     return backbone
 
 
+def check_weights(state: dict[str, torch.Tensor], source: str,
+                  expected: dict[str, torch.Tensor] | None = None) -> None:
+    """Refuse weights that would load silently but compute garbage: a non-float tensor where the model
+    holds floats (e.g. int8 quantised weights), or NaN/Inf values. Raises CheckpointError naming
+    ``source`` and the tensors."""
+    wrong_dtype = [f"{k} ({v.dtype})" for k, v in sorted(state.items())
+                   if not v.is_floating_point() and (expected is None or expected[k].is_floating_point())]
+    if wrong_dtype:
+        raise CheckpointError(f"checkpoint: {source} holds {len(wrong_dtype)} non-float weight tensor(s), e.g. "
+                              f"{wrong_dtype[:5]}; expected float16/bfloat16/float32/float64 weights "
+                              "(quantised checkpoints are not supported)")
+    bad = [f"{k} ({int((~torch.isfinite(v)).sum())} of {v.numel()})" for k, v in sorted(state.items())
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint: {source} holds NaN/Inf values in {len(bad)} tensor(s), e.g. {bad[:5]}; "
+                              "expected finite weights")
+
+
 def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``module`` after checking keys and shapes; casts floating tensors to fp32."""
+    """Load ``state`` into ``module`` after checking keys, shapes, dtypes and finiteness; casts floats to fp32."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -105,6 +124,7 @@ def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], 
         if mismatched:
             parts.append(f"{len(mismatched)} shape mismatch(es), e.g. {mismatched[:5]}")
         raise CheckpointError(f"checkpoint: {source} does not match its config: " + "; ".join(parts))
+    check_weights(state, source, expected)
     cast = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
     module.load_state_dict(cast, strict=True)
 

@@ -111,3 +111,21 @@ class BackboneConfig:
         self.unet.validate()
         self.schedule.validate()
         self.normalisation.validate()
+
+    def trained_image_size(self) -> tuple[int, ...] | None:
+        """The spatial size of the images the U-Net was trained on, read from ``provenance``; None if unknown.
+
+        In order: ``provenance["image_size"]`` (set it in an import's architecture YAML), then
+        ``provenance["data"]["image_size"]``, then the training data description diffrep writes:
+        ``data["size"]`` (brain slices, synthetic blobs) or Fashion-MNIST's 28 (or its ``pad_to``).
+        An int means a square (cubic in 3D) size.
+        """
+        data = self.provenance.get("data") if isinstance(self.provenance.get("data"), dict) else {}
+        size = self.provenance.get("image_size", data.get("image_size", data.get("size")))
+        if size is None and data.get("dataset") == "fashion-mnist":
+            size = data.get("pad_to") or 28
+        if size is None:
+            return None
+        if isinstance(size, (list, tuple)):
+            return tuple(int(s) for s in size)
+        return (int(size),) * self.unet.spatial_dims

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .backbone import Backbone
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, check_weights
 from .config import BackboneConfig, Normalisation, ScheduleConfig, UNetConfig
 
 BETA_SCHEDULES = {"linear": "linear_beta", "scaled_linear": "scaled_linear_beta", "sigmoid": "sigmoid_beta",
@@ -90,13 +90,21 @@ def load_diffusers_unet(path: str | os.PathLike, normalisation: Normalisation | 
     if class_name != "UNet2DModel":
         raise CheckpointError(f"diffusers: expected a UNet2DModel in {unet_dir}, got {class_name!r} "
                               "(conditioned or latent U-Nets are not supported)")
-    model = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
+    try:
+        model = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as err:  # truncated/corrupt weights, missing files
+        weights = sorted(p.name for p in unet_dir.glob("diffusion_pytorch_model*"))
+        raise CheckpointError(f"diffusers: could not read the UNet weights {weights or '(none found)'} in "
+                              f"{unet_dir} ({err})") from err
+    check_weights(model.state_dict(), source=f"diffusers UNet in {unet_dir}")
     unet_config = _unet_config(model.config, unet_dir)
     schedule, schedule_source = _schedule(scheduler_file)
     config = BackboneConfig(unet=unet_config, schedule=schedule, normalisation=normalisation or Normalisation(),
                             provenance={"source": {"format": "diffusers", "class": class_name, "path": str(path),
                                                    "diffusers_version": model.config.get("_diffusers_version")},
-                                        "schedule_source": schedule_source})
+                                        "schedule_source": schedule_source,
+                                        **({"image_size": model.config["sample_size"]}
+                                           if model.config.get("sample_size") else {})})
     backbone = Backbone(config, unet=DiffusersUNet(model))
     _check_schedule(backbone, scheduler_file)
     return backbone

@@ -6,6 +6,8 @@ The state dict is read with ``weights_only=True``: no arbitrary unpickling.
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -53,13 +55,17 @@ def from_monai_unet(unet: DiffusionModelUNet, schedule: ScheduleConfig | None = 
 def import_monai_state_dict(state_dict_path: str | os.PathLike, architecture: Mapping[str, Any]) -> Backbone:
     """Load a ``torch.save``-d MONAI state dict given the architecture mapping.
 
-    ``architecture`` has the keys of BackboneConfig: ``unet`` (DiffusionModelUNet arguments),
-    optionally ``schedule`` and ``normalisation``. Unknown keys are errors; mismatching weights are named.
+    ``architecture`` has the keys of BackboneConfig: ``unet`` (DiffusionModelUNet arguments; omitted
+    ones take MONAI's defaults, see ``monai_unet_args``), optionally ``schedule``, ``normalisation``
+    and ``provenance`` (e.g. ``image_size``: the training size). Unknown keys are errors; mismatching
+    weights are named.
     """
     path = Path(state_dict_path)
     if not path.is_file():
         raise CheckpointError(f"state dict: {path} does not exist")
-    config = from_dict(BackboneConfig, dict(architecture), where="architecture")
+    architecture = dict(architecture)
+    architecture["unet"] = monai_unet_args(architecture.get("unet", {}), where="architecture.unet")
+    config = from_dict(BackboneConfig, architecture, where="architecture")
     config.provenance = {**config.provenance, "source": f"monai state dict {path.name}"}
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -72,3 +78,27 @@ def import_monai_state_dict(state_dict_path: str | os.PathLike, architecture: Ma
     backbone = Backbone(config)
     load_state_checked(backbone.unet, dict(state), source=str(path))
     return backbone
+
+
+def monai_unet_args(unet_args: Any, where: str = "unet") -> dict[str, Any]:
+    """UNetConfig arguments reproducing ``DiffusionModelUNet(**unet_args)``: omitted arguments take MONAI's defaults.
+
+    The defaults are read from MONAI's signature (not diffrep's UNetConfig defaults, which differ).
+    Refuses, naming the keys: arguments DiffusionModelUNet does not have, missing required ones, and
+    arguments diffrep does not record (``norm_eps``, conditioning, ...) set to anything but MONAI's default.
+    """
+    if not isinstance(unet_args, Mapping):
+        raise TypeError(f"{where}: expected a mapping of DiffusionModelUNet arguments, got {type(unet_args).__name__}")
+    params = {name: p for name, p in inspect.signature(DiffusionModelUNet.__init__).parameters.items() if name != "self"}
+    unknown = sorted(set(unet_args) - set(params))
+    if unknown:
+        raise ValueError(f"{where}: unknown DiffusionModelUNet argument(s) {unknown}; valid ones are {sorted(params)}")
+    missing = [name for name, p in params.items() if p.default is inspect.Parameter.empty and name not in unet_args]
+    if missing:
+        raise ValueError(f"{where}: missing required DiffusionModelUNet argument(s) {missing}")
+    recorded = [f.name for f in dataclasses.fields(UNetConfig)]
+    unsupported = {k: v for k, v in unet_args.items() if k not in recorded and v != params[k].default}
+    if unsupported:
+        raise ValueError(f"{where}: diffrep builds DiffusionModelUNets with MONAI's defaults for "
+                         f"{sorted(set(params) - set(recorded))}, got {unsupported}; such a model cannot be reproduced")
+    return {name: unet_args.get(name, params[name].default) for name in recorded}

@@ -19,10 +19,17 @@ def _ordered(features: Mapping[FeatureKey, torch.Tensor], keys: Sequence[Feature
     return [features[k] for k in keys]
 
 
-def check_pool_grid(grid: int) -> int:
-    """``grid`` as a positive int, or a ValueError naming what was expected."""
+def check_pool_grid(grid: int, bound: int | None = None, where: str = "") -> int:
+    """``grid`` as a positive int no larger than ``bound`` (the smallest side of the maps it pools).
+
+    A grid larger than the map would only repeat values (adaptive pooling upsamples), multiplying
+    the feature size for nothing; ``where`` says which map sets the bound in the error.
+    """
     if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
         raise ValueError(f"pool grid: expected a positive integer (1 = global average), got {grid!r}")
+    if bound is not None and grid > bound:
+        raise ValueError(f"pool grid: expected at most {bound}, the smallest side of the feature maps pooled"
+                         f"{' (' + where + ')' if where else ''}, got {grid}")
     return grid
 
 
@@ -32,7 +39,8 @@ def pool_map(feature_map: torch.Tensor, grid: int = 1) -> torch.Tensor:
     ``grid=1`` is global average pooling; larger grids keep a coarse layout (channel-major order,
     adaptive pooling, so the map size need not divide by ``grid``).
     """
-    grid = check_pool_grid(grid)
+    spatial = tuple(feature_map.shape[2:])
+    grid = check_pool_grid(grid, min(spatial) if spatial else None, where=f"map of spatial size {spatial}")
     x = feature_map.float()
     if grid == 1:
         return x.flatten(2).mean(dim=2)

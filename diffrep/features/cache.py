@@ -119,7 +119,7 @@ def cached_pooled_features(backbone: Backbone, images: Any, nodes: Iterable[str]
         raise ValueError(f"nodes: expected distinct names, got {nodes}")
     timesteps = backbone.check_timesteps(timesteps)
     NoisePolicy.parse(noise)
-    check_pool_grid(pool_grid)
+    check_pool_grid(pool_grid, *backbone.max_pool_grid(nodes, tuple(images.shape[2:])))
     chunk_size = _check_positive(chunk_size, "chunk_size")
     _check_positive(batch_size, "batch_size")
     if dtype not in _DTYPES:

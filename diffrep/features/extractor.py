@@ -120,7 +120,7 @@ class FeatureExtractor:
                 captured = self._forward(x_t, t)
                 for node in self.nodes:
                     for j, step in enumerate(group):
-                        value = captured[node][j * n:(j + 1) * n].float()
+                        value = _check_finite(captured[node][j * n:(j + 1) * n].float(), node, step)
                         key = FeatureKey(node, step)
                         sums[key] = value if key not in sums else sums[key] + value
         scale = 1.0 / self.noise.draws
@@ -136,3 +136,12 @@ class FeatureExtractor:
             except StopForward:
                 pass
         return dict(captured)
+
+
+def _check_finite(value: torch.Tensor, node: str, timestep: int) -> torch.Tensor:
+    """``value``, or a ValueError naming the node and timestep whose features hold NaN/Inf."""
+    if not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise ValueError(f"features: node {node!r} at timestep {timestep} has {bad} NaN/Inf value(s) of {value.numel()}; "
+                         "expected finite features (check the backbone's weights for NaN/Inf)")
+    return value

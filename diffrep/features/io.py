@@ -15,35 +15,98 @@ from ..backbones.backbone import Backbone
 from .extractor import FeatureDict, FeatureExtractor
 
 
-def read_images(path: str | os.PathLike, backbone: Backbone) -> torch.Tensor:
-    """Read a ``.npy`` array ((N,C,H,W), or (N,H,W) for one channel) or a folder of PNGs.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
-    uint8 input is scaled with the backbone's documented normalisation; float input must already be
-    in its data range. PNG folders are read in sorted file-name order.
+
+def read_images(path: str | os.PathLike, backbone: Backbone) -> torch.Tensor:
+    """Read a ``.npy`` array ((N,C,H,W), or (N,H,W) for one channel) or a folder of PNG/JPEG/TIFF images.
+
+    Integer images are scaled to the backbone's data range by their own bit depth (8-bit by 255,
+    16-bit by 65535; see ``read_image_file``); float ``.npy`` input must already be in the data range.
+    Folders are read in sorted file-name order; any other file in the folder is an error. Callers
+    check the result with ``Backbone.check_images(images, name=...)`` naming ``path`` their own way
+    (rank, channels, finite values, data range).
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"input: {path} does not exist; expected a .npy file or a folder of PNGs")
+        raise FileNotFoundError(f"input: {path} does not exist; expected a .npy file or a folder of images")
     if path.is_dir():
-        from PIL import Image
-
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png")
-        if not files:
-            raise ValueError(f"input: expected PNG files in {path}, found none")
-        mode = "L" if backbone.in_channels == 1 else "RGB"
-        arrays = [np.asarray(Image.open(f).convert(mode)) for f in files]
-        shapes = {a.shape for a in arrays}
-        if len(shapes) != 1:
-            raise ValueError(f"input: expected PNGs of one size in {path}, got sizes {sorted(shapes)}")
-        array = np.stack(arrays)
-        array = array[:, None] if array.ndim == 3 else array.transpose(0, 3, 1, 2)
+        tensor = _read_folder(path, backbone)
     elif path.suffix == ".npy":
-        array = np.load(path, allow_pickle=False)
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise ValueError(f"input: {path} is not a readable .npy array ({err})") from err
         if array.ndim == backbone.spatial_dims + 1 and backbone.in_channels == 1:
             array = array[:, None]
+        tensor = backbone.normalise(array)
     else:
-        raise ValueError(f"input: expected a .npy file or a folder of PNGs, got {path}")
-    return backbone.normalise(array)
+        raise ValueError(f"input: expected a .npy file or a folder of {'/'.join(IMAGE_SUFFIXES)} images, got {path}")
+    return tensor
+
+
+def _read_folder(path: Path, backbone: Backbone) -> torch.Tensor:
+    """Every image of a folder as one (N, C, H, W) float batch in the data range."""
+    if backbone.spatial_dims != 2:
+        raise ValueError(f"input: image folders hold 2D images, but this backbone is {backbone.spatial_dims}D; "
+                         f"pass a .npy array instead of {path}")
+    entries = sorted(path.iterdir())
+    others = [p.name for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file()]
+    if others:
+        raise ValueError(f"input: {path} holds {len(others)} entr{'y' if len(others) == 1 else 'ies'} that are not "
+                         f"{'/'.join(IMAGE_SUFFIXES)} images: {others[:10]}; move them out of the folder")
+    if not entries:
+        raise ValueError(f"input: expected {'/'.join(IMAGE_SUFFIXES)} images in {path}, found none")
+    arrays = [read_image_file(f, backbone.in_channels) for f in entries]
+    sizes: dict[tuple[int, ...], str] = {}
+    for f, a in zip(entries, arrays):
+        sizes.setdefault(a.shape[1:], f.name)
+    if len(sizes) != 1:
+        raise ValueError(f"input: expected images of one size in {path}, got "
+                         + ", ".join(f"{s[0]}x{s[1]} (e.g. {name})" for s, name in sizes.items()))
+    norm = backbone.config.normalisation
+    return torch.from_numpy(np.stack(arrays)) * (norm.high - norm.low) + norm.low
+
+
+def read_image_file(file: str | os.PathLike, channels: int) -> np.ndarray:
+    """One PNG/JPEG/TIFF as a float32 (channels, H, W) array in [0, 1], scaled by the file's own bit depth.
+
+    8-bit images are divided by 255, 16-bit ones by 65535 (never clipped; Pillow reads 16-bit RGB
+    PNGs at 8-bit precision, correctly scaled). Grey files need
+    ``channels == 1``, RGB ones ``channels == 3`` (an RGB file whose three channels are identical
+    counts as grey); a mismatch, transparency, an unsupported pixel format or a corrupt/truncated
+    file is a ValueError naming the file.
+    """
+    from PIL import Image
+
+    file = Path(file)
+    try:
+        with Image.open(file) as image:
+            image.load()
+            mode, fmt = image.mode, image.format
+            if mode == "P":
+                image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+                mode = image.mode
+            pixels = np.asarray(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"input: {file} is not a readable image ({err})") from err
+    scale = {"1": 1, "L": 255, "LA": 255, "RGB": 255, "RGBA": 255, "I;16": 65535, "I;16B": 65535,
+             "I;16L": 65535, "I": 65535}.get(mode)
+    if scale is None or (mode == "I" and fmt != "PNG"):  # "I" is 16-bit only when it comes from a PNG
+        raise ValueError(f"input: {file} has pixel format {mode!r}; expected 8- or 16-bit grey or RGB")
+    pixels = pixels.astype(np.float32)
+    if pixels.ndim == 3 and mode in ("LA", "RGBA"):
+        if (pixels[..., -1] < 255).any():
+            raise ValueError(f"input: {file} has transparent pixels; expected opaque grey or RGB images")
+        pixels = pixels[..., :-1]
+    pixels = pixels[..., None] if pixels.ndim == 2 else pixels
+    if pixels.shape[-1] == 3 and channels == 1 and (pixels == pixels[..., :1]).all():
+        pixels = pixels[..., :1]
+    if pixels.shape[-1] != channels:
+        kind = {1: "grey", 3: "RGB"}
+        raise ValueError(f"input: {file} is {kind.get(pixels.shape[-1], pixels.shape[-1])} but the backbone takes "
+                         f"{channels} channel(s) ({kind.get(channels, '')}); convert the image first")
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1) / scale)
 
 
 def extract_to_file(backbone: Backbone, images: torch.Tensor, nodes: Iterable[str], timesteps: Iterable[int],

@@ -19,11 +19,10 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequenc
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from .._types import FeatureKey
 from .aggregate import upsample_concat
-from .store import FeatureStore
+from .store import FeatureStore, open_chunk
 from ..errors import as_tensor as _as_tensor
 
 DESCRIPTOR = "descriptor"
@@ -234,7 +233,7 @@ class PixelStore:
 
     def read_labels(self, index: int) -> torch.Tensor:
         """One image's labels only; the descriptor is not read from disk."""
-        with safe_open(self._chunk(index), framework="pt") as handle:
+        with open_chunk(self._chunk(index)) as handle:
             return handle.get_tensor(LABELS)
 
     @property
@@ -243,7 +242,7 @@ class PixelStore:
             ids = self.store.chunk_ids()
             if not ids:
                 raise ValueError(f"pixel store {self.path}: no image written yet, so the descriptor size is unknown")
-            with safe_open(self._chunk(ids[0]), framework="pt") as handle:
+            with open_chunk(self._chunk(ids[0])) as handle:
                 self._num_features = int(handle.get_slice(DESCRIPTOR).get_shape()[0])
         return self._num_features
 

@@ -10,15 +10,33 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .._atomic import atomic_path, atomic_write_bytes
 
 MANIFEST = "manifest.json"
+
+
+def _unreadable(path: Path, err: Exception) -> ValueError:
+    return ValueError(f"feature store: chunk {path} is unreadable (truncated or corrupt: {err}); the store is "
+                      "resumable: delete that file and the next run recomputes it")
+
+
+@contextmanager
+def open_chunk(path: str | os.PathLike) -> Iterator[Any]:
+    """A ``safe_open`` handle on one chunk; a truncated or corrupt chunk is a ValueError naming the file."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            yield handle
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise _unreadable(path, err) from err
 
 
 def fingerprint_key(fingerprint: Mapping[str, Any]) -> str:
@@ -48,11 +66,18 @@ class FeatureStore:
     def __init__(self, root: str | os.PathLike, fingerprint: Mapping[str, Any]) -> None:
         self.fingerprint = dict(fingerprint)
         self.key = fingerprint_key(self.fingerprint)
-        self.path = Path(root) / self.key
+        root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"cache dir: {root} is an existing file; expected a directory (or a path to create one)")
+        self.path = root / self.key
         self.path.mkdir(parents=True, exist_ok=True)
         manifest = self.path / MANIFEST
         if manifest.is_file():
-            stored = json.loads(manifest.read_text())
+            try:
+                stored = json.loads(manifest.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(f"feature store: {manifest} is not valid JSON ({err}); delete {self.path} "
+                                 "to recompute the store") from err
             if stored.get("fingerprint") != json.loads(json.dumps(self.fingerprint, sort_keys=True, default=str)):
                 raise ValueError(f"feature store {self.path}: manifest fingerprint differs from the requested one")
         else:
@@ -76,7 +101,11 @@ class FeatureStore:
     def read(self, chunk_id: int) -> dict[str, torch.Tensor]:
         if not self.has(chunk_id):
             raise KeyError(f"feature store {self.path}: chunk {chunk_id} has not been written")
-        return load_file(str(self._chunk_path(chunk_id)))
+        path = self._chunk_path(chunk_id)
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise _unreadable(path, err) from err
 
     def fill(self, num_chunks: int, compute: Callable[[int], Mapping[str, torch.Tensor]],
              progress: Callable[[Iterator[int]], Iterator[int]] | None = None) -> "FeatureStore":
