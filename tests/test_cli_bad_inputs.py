@@ -344,15 +344,12 @@ def _symlink(tmp: Path, target: str, name: str = "link.nii.gz") -> str:
 
 
 def _nan_checkpoint(tmp: Path, ckpt: Path) -> str:
-    """The checkpoint with one NaN weight (refused at load, or its NaN anomaly map refused before writing)."""
-    import torch
+    """A copy of the checkpoint with one NaN weight written straight into model.safetensors (save_backbone
+    refuses non-finite weights), refused at load."""
+    import shutil
 
-    from diffrep.backbones import load_backbone
-
-    backbone = load_backbone(ckpt)
-    with torch.no_grad():
-        next(backbone.unet.parameters()).view(-1)[0] = float("nan")
-    save_backbone(backbone, tmp / "nan_ckpt")
+    shutil.copytree(ckpt, tmp / "nan_ckpt")
+    _edit_weights(_nan_first)(tmp / "nan_ckpt")
     return str(tmp / "nan_ckpt")
 
 
