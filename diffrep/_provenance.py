@@ -7,6 +7,7 @@ reused only by the code that wrote it.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 from pathlib import Path
@@ -49,3 +50,13 @@ def code_digest(modules: Iterable[str] = ("diffrep",), extra_files: Iterable[str
         digest.update(path.read_bytes())
     digest.update(repr(sorted(library_versions().items())).encode())
     return digest.hexdigest()[:16]
+
+
+# The code that turns images into features: feature caches (pooled and pixel stores) are keyed by it.
+FEATURE_CODE = ("diffrep.features", "diffrep.backbones", "diffrep.diffusion", "diffrep.errors", "diffrep.noise")
+
+
+@functools.lru_cache(maxsize=None)
+def feature_code_digest() -> str:
+    """``code_digest`` of the modules that compute features (computed once per process)."""
+    return code_digest(FEATURE_CODE)

@@ -119,3 +119,18 @@ def test_truncated_pixel_chunk_is_an_error_naming_the_chunk_file(tmp_path):
     for read in (store.read, store.read_labels):
         with pytest.raises(ValueError, match=r"chunk-000001\.safetensors is unreadable"):
             read(1)
+
+
+def test_other_feature_code_gets_another_store(tmp_path, monkeypatch):
+    """The store is keyed by the code that computes descriptors: after an edit it is recomputed."""
+    import diffrep.features.pixel_store as pixel_store_module
+
+    images, labels = _data(2)
+    first = build_pixel_store(tmp_path, _extractor(), images, labels, num_classes=3, batch_size=2)
+    again = _extractor()
+    assert build_pixel_store(tmp_path, again, images, labels, num_classes=3, batch_size=2).path == first.path
+    assert again.calls == []
+    monkeypatch.setattr(pixel_store_module, "feature_code_digest", lambda: "other-code")
+    other = _extractor()
+    assert build_pixel_store(tmp_path, other, images, labels, num_classes=3, batch_size=2).path != first.path
+    assert other.calls == [2]

@@ -149,6 +149,12 @@ def test_cache_key_changes_with_seed_timesteps_noise_weights_and_data(tmp_path, 
     cached_pooled_features(backbone, images.flip(0), cache_dir=tmp_path, progress=False, **base)
     assert len(calls) == len(variants) + 3
     assert len(list(tmp_path.iterdir())) == len(variants) + 3  # one store each, none reused wrongly
+    # other feature code (an edit of diffrep.features / backbones / diffusion): recomputed, never reused
+    import diffrep.features.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "feature_code_digest", lambda: "other-code")
+    cached_pooled_features(backbone, images, cache_dir=tmp_path, progress=False, **base)
+    assert len(calls) == len(variants) + 4
 
 
 @pytest.mark.parametrize("grid", [1, 2, 3])

@@ -2,7 +2,8 @@
 
 :func:`cached_pooled_features` keeps one :class:`~diffrep.features.store.FeatureStore` per timestep
 (every requested node in it), holding globally average-pooled vectors (the DDAE linear-probe
-features) chunk by chunk. The store's fingerprint holds the checkpoint identity (a digest of the
+features) chunk by chunk. The store's fingerprint holds a digest of the code that computes features
+(``diffrep._provenance.feature_code_digest``: edit it and the cache is recomputed), the checkpoint identity (a digest of the
 architecture, schedule, normalisation and every weight), the nodes, the timestep, the noise policy,
 the seed, the dataset name, size and content digest, the chunk size and the storage dtype; change any
 of them and a different directory is used. Each chunk is written atomically, so an interrupted fill
@@ -23,6 +24,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from .._provenance import feature_code_digest
 from .._types import FeatureKey
 from ..backbones.backbone import Backbone
 from ..config import to_dict
@@ -79,6 +81,7 @@ def pooled_store(backbone: Backbone, images: torch.Tensor, nodes: list[str], tim
     """The FeatureStore holding pooled features of ``images`` at one timestep (created if absent)."""
     fingerprint = {
         "kind": "pooled-gap" if check_pool_grid(pool_grid) == 1 else f"pooled-grid{pool_grid}", "format": CACHE_FORMAT,
+        "code": feature_code_digest(),
         "checkpoint": identity or backbone_identity(backbone),
         "nodes": list(nodes), "timestep": int(timestep), "noise": str(NoisePolicy.parse(noise)), "seed": int(seed),
         "dataset": str(dataset_id), "num_images": int(images.shape[0]),

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequenc
 import numpy as np
 import torch
 
+from .._provenance import feature_code_digest
 from .._types import FeatureKey
 from .aggregate import upsample_concat
 from .store import FeatureStore, open_chunk
@@ -268,7 +269,7 @@ def build_pixel_store(root: str | os.PathLike, extractor: Any, images: Any, labe
     size = tuple(int(s) for s in x.shape[2:])
     num_features = sum(extractor.feature_info[k.node].channels for k in keys)
     fingerprint = {
-        "kind": "pixel-descriptors", "backbone": backbone_digest(extractor.backbone),
+        "kind": "pixel-descriptors", "code": feature_code_digest(), "backbone": backbone_digest(extractor.backbone),
         "nodes": list(extractor.nodes), "timesteps": list(extractor.timesteps),
         "keys": [[k.node, k.timestep] for k in keys], "noise": str(extractor.noise), "seed": extractor.seed,
         "data": tensor_digest(x, y), "num_images": int(x.shape[0]), "image_shape": list(size),
