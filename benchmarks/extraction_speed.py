@@ -51,7 +51,7 @@ def main() -> None:
     images = torch.rand((args.batch, backbone.in_channels, size, size), generator=torch.Generator().manual_seed(args.seed))
     t = 100
     timesteps = torch.full((args.batch,), t)
-    x_t = backbone.add_noise(backbone.to_model_range(images), torch.randn_like(images), timesteps)
+    x_t = backbone.schedule.add_noise(backbone.to_model_range(images), torch.randn_like(images), timesteps)
     nodes_all = backbone.node_names
     encoder = [n for n in nodes_all if n.startswith("down.")][:2]
     decoder = [n for n in nodes_all if n.startswith("up.")]

@@ -57,7 +57,7 @@ def test_schedule_round_trip(schedule, tmp_path):
     backbone = Backbone(BackboneConfig(unet=TINY_CONFIGS["2d-2level"], schedule=ScheduleConfig(schedule=schedule)))
     save_backbone(backbone, tmp_path / "ckpt")
     loaded = load_backbone(tmp_path / "ckpt")
-    torch.testing.assert_close(loaded.alphas_cumprod, backbone.alphas_cumprod)
+    torch.testing.assert_close(loaded.schedule.alphas_cumprod, backbone.schedule.alphas_cumprod)
 
 
 def _rewrite_weights(directory, change):

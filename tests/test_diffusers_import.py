@@ -74,7 +74,7 @@ def test_schedule_is_read_and_checked(tmp_path):
                                        num_train_timesteps=500))
     assert backbone.config.schedule.schedule == "cosine" and backbone.num_timesteps == 500
     reference = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2", num_train_timesteps=500)
-    assert torch.allclose(backbone.alphas_cumprod.float(), reference.alphas_cumprod.float(), atol=1e-5)
+    assert torch.allclose(backbone.schedule.alphas_cumprod.float(), reference.alphas_cumprod.float(), atol=1e-5)
     assert backbone.config.provenance["source"]["format"] == "diffusers"
 
 

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from diffrep.backbones.config import ScheduleConfig
 from diffrep.diffusion import DDPMSchedule, ddim_timesteps, make_betas
+
+from .conftest import make_backbone
 
 CONFIGS = [ScheduleConfig(), ScheduleConfig(schedule="scaled_linear_beta", beta_start=5e-4, beta_end=1.2e-2),
            ScheduleConfig(schedule="sigmoid_beta"), ScheduleConfig(schedule="cosine", num_train_timesteps=500)]
@@ -51,29 +54,47 @@ def test_inverse_formulas_round_trip_and_score_is_minus_eps_over_sigma():
     assert sched.noise_level(-1) == 0.0 and sched.signal_scale(-1) == 1.0
 
 
-def test_posterior_matches_monai_ddpm_step_and_ddim_matches_monai():
-    from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
-
-    sched = DDPMSchedule.from_config(ScheduleConfig())
-    g = torch.Generator().manual_seed(2)
+def test_ddim_step_matches_monai():
+    bb = make_backbone("2d-2level")  # its schedule: MONAI's default linear_beta, T = 1000
+    sched = DDIMScheduler(num_train_timesteps=1000, schedule="linear_beta", clip_sample=True)
+    sched.set_timesteps(10)  # MONAI's stride = 1000 // 10 = 100
+    g = torch.Generator().manual_seed(0)
     x_t, eps = torch.randn(2, 1, 8, 8, generator=g), torch.randn(2, 1, 8, 8, generator=g)
-    monai = DDPMScheduler(num_train_timesteps=1000, clip_sample=False)
-    for t in (999, 400, 1):
-        x0 = sched.predict_x0(x_t, eps, torch.full((2,), t))
-        # MONAI's ancestral step = posterior mean + sqrt(fixed_small variance) * randn(generator): rebuild the noise
-        step, _ = monai.step(eps, t, x_t, generator=torch.Generator().manual_seed(5))
-        z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(5))
-        expected = sched.posterior_mean(x_t, x0, t) + sched.posterior_variance(t) ** 0.5 * z
-        torch.testing.assert_close(expected, step, rtol=1e-4, atol=1e-4)
-        expected_var = (1 - monai.alphas_cumprod[t - 1]) / (1 - monai.alphas_cumprod[t]) * monai.betas[t]
-        assert sched.posterior_variance(t) == pytest.approx(float(expected_var), rel=1e-4)
-    # without clipping (with it, MONAI recomputes eps from the clipped x0; diffrep keeps the network's eps)
-    ddim = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
-    ddim.set_timesteps(10)
-    for t in (int(t) for t in ddim.timesteps):  # MONAI steps t -> t - T // steps (-1 and below: clean data)
-        ours, _ = sched.ddim_step(x_t, eps, t, max(t - 100, -1), clip=False)
-        theirs, _ = ddim.step(eps, t, x_t)
-        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    for t, t_prev in [(500, 400), (999, 899), (50, -1)]:
+        ref_prev, ref_x0 = sched.step(eps, t, x_t)
+        ours_prev, ours_x0 = bb.schedule.ddim_step(x_t, eps, t, t_prev, clip=True)
+        torch.testing.assert_close(ours_prev, ref_prev, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours_x0, ref_x0, atol=1e-5, rtol=1e-5)
+
+
+def test_ddpm_posterior_matches_monai():
+    bb = make_backbone("2d-2level")  # its schedule: MONAI's default linear_beta, T = 1000
+    sched = DDPMScheduler(num_train_timesteps=1000, schedule="linear_beta", clip_sample=True)
+    g = torch.Generator().manual_seed(1)
+    x_t, eps = torch.randn(2, 1, 8, 8, generator=g), torch.randn(2, 1, 8, 8, generator=g)
+    ac, sc = bb.schedule.alphas_cumprod, bb.schedule
+    for t in (0, 1, 250, 999):
+        # near t = 0, 1 - abar_t is tiny: MONAI's float32 betas and our float64 betas (implied by
+        # alphas_cumprod) differ by float32 rounding (~2e-4 relative), hence a looser tolerance there.
+        tol = dict(atol=1e-5, rtol=1e-5) if t >= 250 else dict(atol=5e-4, rtol=5e-4)
+        tt = torch.full((2,), t)
+        x0 = sc.predict_x0(x_t, eps, tt).clamp(-1, 1)
+        mean = sc.posterior_mean(x_t, x0, t)
+        torch.testing.assert_close(mean, sched._get_mean(t, x0, x_t), **tol)
+        if t > 0:
+            assert sc.posterior_variance(t) == pytest.approx(float(sched._get_variance(t)), rel=tol["rtol"])
+        # the full MONAI step = our mean + sqrt(fixed_small variance) * the same Gaussian draw
+        ref, _ = sched.step(eps, t, x_t, generator=torch.Generator().manual_seed(7))
+        z = torch.randn(eps.shape, generator=torch.Generator().manual_seed(7))
+        ours = mean + (sc.posterior_variance(t) ** 0.5 * z if t > 0 else 0)
+        torch.testing.assert_close(ours, ref, **tol)
+        # without clipping the posterior mean is Ho et al.'s eq. 11
+        abar, abar_prev = float(ac[t]), float(ac[t - 1]) if t > 0 else 1.0
+        alpha = abar / abar_prev
+        eq11 = (x_t - (1 - alpha) / (1 - abar) ** 0.5 * eps) / alpha ** 0.5
+        torch.testing.assert_close(sc.posterior_mean(x_t, sc.predict_x0(x_t, eps, tt), t), eq11, atol=1e-4, rtol=1e-4)
+
+
 
 
 def test_ddim_timesteps_and_bad_input():
@@ -86,3 +107,23 @@ def test_ddim_timesteps_and_bad_input():
         make_betas("quadratic", 10)
     with pytest.raises(ValueError, match="betas"):
         DDPMSchedule.from_betas(torch.tensor([0.1, 1.5]))
+
+
+def test_ddim_sampling_with_the_exact_denoiser_returns_the_known_image():
+    """If the network predicts the exact noise w.r.t. a known image c, every DDIM step's x0 is c, so the
+    sample is c (in the data range), whatever the number of steps; bad step counts are refused."""
+    from diffrep.sampling import ddim_sample
+
+    bb = make_backbone("2d-2level")
+    clean = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(4)) * 1.6 - 0.8  # model range
+    sched = bb.schedule
+
+    def exact(x_t, timesteps, *args, **kwargs):
+        return sched.predict_eps(x_t, clean.expand_as(x_t), timesteps)
+
+    bb.unet.forward = exact
+    for steps in (1, 7, 50):
+        sample = ddim_sample(bb, 2, (8, 8), num_inference_steps=steps, seed=0)
+        torch.testing.assert_close(sample, bb.to_data_range(clean).expand(2, -1, -1, -1), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        ddim_sample(bb, 1, (8, 8), num_inference_steps=0)

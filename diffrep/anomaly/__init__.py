@@ -11,13 +11,11 @@ from .dae import DAEScorer, brain_augment
 from .ensemble import MultiLevelScorer
 from .feature_distance import FeatureDistanceScorer
 from .postprocess import check_masks, erode_masks, image_scores, median_filter_maps, postprocess_maps
-from .reconstruction import (ReconstructionScorer, ddim_step, ddim_timesteps, ddpm_posterior_mean,
-                             ddpm_posterior_variance)
+from .reconstruction import ReconstructionScorer
 from .volume import add_anomaly_cli, score_volume
 
 __all__ = [
     "AnomalyScorer", "CalibratedScorer", "DAEScorer", "FeatureDistanceScorer", "MultiLevelScorer", "ReconstructionScorer",
-    "add_anomaly_cli", "brain_augment", "check_masks", "ddim_step", "ddim_timesteps", "ddpm_posterior_mean",
-    "ddpm_posterior_variance", "erode_masks", "image_scores", "median_filter_maps", "postprocess_maps",
+    "add_anomaly_cli", "brain_augment", "check_masks", "erode_masks", "image_scores", "median_filter_maps", "postprocess_maps",
     "score_volume",
 ]

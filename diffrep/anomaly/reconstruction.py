@@ -33,49 +33,12 @@ import numpy as np
 import torch
 
 from ..backbones.backbone import Backbone
+from ..diffusion import ddim_timesteps
 from .base import AnomalyScorer, check_choice, check_positive_int
 
 REVERSE_MODES = ("ddpm", "ddim", "x0")
 NOISE_KINDS = ("gaussian", "simplex")
 RESIDUALS = ("l1", "l2")
-
-
-# ------------------------------------------------------------------ the update rules
-def _abar(alphas_cumprod: torch.Tensor, t: int) -> float:
-    """alpha_bar_t as a Python float; alpha_bar_{-1} = 1 (clean data)."""
-    return 1.0 if t < 0 else float(alphas_cumprod[t])
-
-
-def ddpm_posterior_mean(alphas_cumprod: torch.Tensor, x_t: torch.Tensor, x0_hat: torch.Tensor, t: int) -> torch.Tensor:
-    """Mean of q(x_{t-1} | x_t, x0_hat) (Ho et al. 2020, eq. 7); with x0_hat from eq. 15 this is eq. 11.
-
-    mu = sqrt(abar_{t-1}) beta_t / (1 - abar_t) * x0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) * x_t,
-    with alpha_t = abar_t / abar_{t-1}, beta_t = 1 - alpha_t and abar_{-1} = 1.
-    """
-    abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t - 1)
-    alpha_t = abar_t / abar_prev
-    beta_t = 1.0 - alpha_t
-    return (abar_prev ** 0.5 * beta_t / (1.0 - abar_t)) * x0_hat + (alpha_t ** 0.5 * (1.0 - abar_prev) / (1.0 - abar_t)) * x_t
-
-
-def ddpm_posterior_variance(alphas_cumprod: torch.Tensor, t: int) -> float:
-    """fixed_small variance beta~_t = (1 - abar_{t-1}) / (1 - abar_t) * beta_t (Ho et al. 2020, eq. 7)."""
-    abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t - 1)
-    return (1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev)
-
-
-def ddim_step(alphas_cumprod: torch.Tensor, x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int,
-              clip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """One deterministic DDIM step t -> t_prev (Song et al. 2021, eq. 12, eta = 0); t_prev < 0 = clean data.
-
-    x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (clipped to [-1, 1] if ``clip``);
-    x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps. Returns ``(x_prev, x0)``.
-    """
-    abar_t, abar_prev = _abar(alphas_cumprod, t), _abar(alphas_cumprod, t_prev)
-    x0 = (x_t - (1.0 - abar_t) ** 0.5 * eps) / abar_t ** 0.5
-    if clip:
-        x0 = x0.clamp(-1.0, 1.0)
-    return abar_prev ** 0.5 * x0 + (1.0 - abar_prev) ** 0.5 * eps, x0
 
 
 def draw_noise(kind: str, shape: tuple[int, ...], generator: torch.Generator,
@@ -92,11 +55,6 @@ def image_seed(seed: int, image: torch.Tensor) -> int:
     """A seed for one image's noise: ``seed`` mixed with a hash of the image's values."""
     digest = hashlib.sha256(image.detach().float().cpu().numpy().tobytes()).digest()
     return (int.from_bytes(digest[:8], "little") ^ (seed * 0x9E3779B97F4A7C15)) % (2**63)
-
-
-def ddim_timesteps(noise_level: int, steps: int) -> list[int]:
-    """The ``steps`` timesteps evenly spaced from ``noise_level`` down to 0 (rounded, distinct)."""
-    return [int(t) for t in np.linspace(noise_level, 0, steps).round().astype(int)]
 
 
 # ------------------------------------------------------------------------ the scorer
@@ -197,20 +155,19 @@ class ReconstructionScorer(AnomalyScorer):
 
     def _reverse(self, x0: torch.Tensor, noise: Any, t_batch: Any) -> torch.Tensor:
         """One reconstruction in the model range: noise ``x0`` to L, then run the chosen reverse process."""
-        bb, level = self.backbone, int(self.noise_level)
-        x = bb.add_noise(x0, noise(), t_batch(level))
-        ac = bb.alphas_cumprod
+        bb, sched, level = self.backbone, self.backbone.schedule, int(self.noise_level)
+        x = sched.add_noise(x0, noise(), t_batch(level))
         if self.reverse == "x0":
-            x = bb.predict_x0(x, bb(x, t_batch(level)), t_batch(level))
+            x = sched.predict_x0(x, bb(x, t_batch(level)), t_batch(level))
             x = x.clamp(-1.0, 1.0) if self.clip else x
         elif self.reverse == "ddim":
             steps = ddim_timesteps(level, int(self.ddim_steps))
             for t, t_prev in zip(steps, steps[1:] + [-1]):
-                x, _ = ddim_step(ac, x, bb(x, t_batch(t)), t, t_prev, clip=self.clip)
+                x, _ = sched.ddim_step(x, bb(x, t_batch(t)), t, t_prev, clip=self.clip)
         else:
             for t in range(level, -1, -1):
-                x0_hat = bb.predict_x0(x, bb(x, t_batch(t)), t_batch(t))
+                x0_hat = sched.predict_x0(x, bb(x, t_batch(t)), t_batch(t))
                 x0_hat = x0_hat.clamp(-1.0, 1.0) if self.clip else x0_hat
-                mean = ddpm_posterior_mean(ac, x, x0_hat, t)
-                x = mean + ddpm_posterior_variance(ac, t) ** 0.5 * noise() if t > 0 else mean
+                mean = sched.posterior_mean(x, x0_hat, t)
+                x = mean + sched.posterior_variance(t) ** 0.5 * noise() if t > 0 else mean
         return x

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 from monai.networks.nets import DiffusionModelUNet
-from monai.networks.schedulers import DDPMScheduler
 from torch import nn
 
 from .._types import FeatureInfo
+from ..diffusion import DDPMSchedule
 from ..errors import as_float_images, check_data_range
 from .config import BackboneConfig
 
@@ -38,16 +38,8 @@ class Backbone:
         u = config.unet
         self.unet = unet if unet is not None else build_unet(config)
         self.unet.eval()
-        sched = config.schedule
-        self.scheduler = DDPMScheduler(
-            num_train_timesteps=sched.num_train_timesteps,
-            schedule=sched.schedule,
-            **({"beta_start": sched.beta_start, "beta_end": sched.beta_end} if sched.schedule != "cosine" else {}),
-            prediction_type=sched.prediction_type,
-            clip_sample=False,
-        )
-        # A private float64 copy: MONAI's add_noise rewrites its own buffer's dtype (see DESIGN notes).
-        self.alphas_cumprod = self.scheduler.alphas_cumprod.detach().clone().double()
+        # the noise process: float64 alpha-bar and every formula that uses it (diffrep.diffusion)
+        self.schedule = DDPMSchedule.from_config(config.schedule)
         self._feature_info = _discover_nodes(self.unet, u.channels)
         self._modules = {info.name: module for info, module in zip(self._feature_info, _node_modules(self.unet))}
 
@@ -80,19 +72,7 @@ class Backbone:
 
     def noise_level(self, timestep: int) -> float:
         """sqrt(1 - alpha_bar_t): the standard deviation of the noise in x_t; comparable across schedules."""
-        return float(torch.sqrt(1.0 - self.alphas_cumprod[timestep]))
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (Ho et al. 2020, eq. 4), in model range."""
-        abar = self.alphas_cumprod.to(x0.device)[timesteps].to(x0.dtype)
-        shape = (-1,) + (1,) * (x0.ndim - 1)
-        return abar.sqrt().view(shape) * x0 + (1 - abar).sqrt().view(shape) * noise
-
-    def predict_x0(self, x_t: torch.Tensor, eps: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The x_0 estimate implied by a noise prediction (Ho et al. 2020, eq. 15)."""
-        abar = self.alphas_cumprod.to(x_t.device)[timesteps].to(x_t.dtype)
-        shape = (-1,) + (1,) * (x_t.ndim - 1)
-        return (x_t - (1 - abar).sqrt().view(shape) * eps) / abar.sqrt().view(shape)
+        return self.schedule.noise_level(int(timestep))
 
     # ------------------------------------------------------------ normalisation
     def to_model_range(self, images: torch.Tensor) -> torch.Tensor:

@@ -177,7 +177,7 @@ def _check_schedule(backbone: Backbone, scheduler_file: Path | None) -> None:
 
     theirs = (DDPMScheduler.from_pretrained(str(scheduler_file.parent)) if scheduler_file is not None
               else DDPMScheduler(**DIFFUSERS_SCHEDULER_DEFAULTS))
-    ours = backbone.alphas_cumprod.float()
+    ours = backbone.schedule.alphas_cumprod.float()
     gap = (theirs.alphas_cumprod.float() - ours).abs().max().item()
     if gap > 1e-5:
         raise CheckpointError(f"diffusers: the schedule in {scheduler_file} is not reproduced by MONAI's "

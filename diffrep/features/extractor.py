@@ -116,7 +116,7 @@ class FeatureExtractor:
             for group in groups:
                 t = torch.tensor(group, device=device).repeat_interleave(n)
                 x_in = x0.repeat(len(group), *([1] * (x0.ndim - 1)))
-                x_t = x_in if eps is None else self.backbone.add_noise(x_in, eps.expand_as(x_in), t)
+                x_t = x_in if eps is None else self.backbone.schedule.add_noise(x_in, eps.expand_as(x_in), t)
                 captured = self._forward(x_t, t)
                 for node in self.nodes:
                     for j, step in enumerate(group):

@@ -23,7 +23,7 @@ def heldout_losses(backbone: Backbone, images: torch.Tensor, timesteps: Iterable
             x0 = backbone.to_model_range(images[start:start + batch_size].to(backbone.device))
             eps = noise[start:start + batch_size].to(backbone.device)
             steps = torch.full((x0.shape[0],), t, dtype=torch.long, device=backbone.device)
-            pred = backbone(backbone.add_noise(x0, eps, steps), steps)
+            pred = backbone(backbone.schedule.add_noise(x0, eps, steps), steps)
             total += float(F.mse_loss(pred, eps, reduction="sum"))
         out[t] = total / images.numel()
     return out

@@ -127,7 +127,7 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, max_steps: int | No
         images = data.batch(config.seed, step, config.optim.batch_size)
         timesteps, noise = step_noise(config, step, images, backbone.num_timesteps)
         images, timesteps, noise = images[shard].to(ctx.device), timesteps[shard].to(ctx.device), noise[shard].to(ctx.device)
-        x_t = backbone.add_noise(backbone.to_model_range(images), noise, timesteps)
+        x_t = backbone.schedule.add_noise(backbone.to_model_range(images), noise, timesteps)
         loss = F.mse_loss(net(x_t, timesteps), noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
