@@ -9,11 +9,12 @@ import numpy as np
 
 @dataclass(frozen=True)
 class FeatureInfo:
-    """What a feature node promises: its name, channel count, stride and stage.
+    """What a feature node promises: its name, channel count, stride and stage, and where it is read.
 
     ``stride`` is the spatial reduction relative to the input (1 = input resolution).
     ``stage`` is one of ``"down"``, ``"mid"``, ``"up"``. ``index`` orders nodes by the
-    forward pass, which is what early exit relies on.
+    forward pass, which is what early exit relies on. ``module`` is the dotted path, inside the
+    U-Net, of the module whose output is the node (``unet.get_submodule(module)``).
     """
 
     name: str
@@ -21,6 +22,7 @@ class FeatureInfo:
     stride: int
     stage: str
     index: int
+    module: str = ""
 
     def shape(self, batch: int, spatial: tuple[int, ...]) -> tuple[int, ...]:
         """The tensor shape this node yields for an input of the given batch and spatial size."""

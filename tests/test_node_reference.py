@@ -12,6 +12,7 @@ neighbouring modules of a block really differ.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -150,3 +151,26 @@ def test_diffusers_nodes_equal_the_manual_forward(tmp_path, layout, monkeypatch)
     assert mismatched_nodes(backbone, images, lambda x, t: diffusers_reference(model, x, t)) == []
     monkeypatch.setitem(backbone._modules, "down.0", model.down_blocks[0].resnets[0])  # first of two resnets
     assert mismatched_nodes(backbone, images, lambda x, t: diffusers_reference(model, x, t)) == ["down.0"]
+
+
+def test_feature_info_names_the_module_read_and_a_wrong_table_is_refused_at_construction(monkeypatch):
+    """Each FeatureInfo carries its module path (the module hooked for that node); a node table whose
+    promise does not match the network (shape of the dry run) is refused when the backbone is built."""
+    from diffrep.backbones import Backbone, BackboneConfig
+    from diffrep.backbones import backbone as backbone_module
+
+    backbone = make_backbone("2d-3level-attn")
+    for info in backbone.feature_info():
+        assert backbone.node_module(info.name) is backbone.unet.get_submodule(info.module)
+    assert backbone.feature_info()[2].module == "down_blocks.2.attentions.1"  # attention level: its last attention
+
+    original = backbone_module.monai_node_table
+
+    def off_by_one_level(unet, channels):
+        table = original(unet, channels)
+        table[1] = dataclasses.replace(table[1], module="down_blocks.0.resnets.0")  # stride 1, not 2
+        return table
+
+    monkeypatch.setattr(backbone_module, "monai_node_table", off_by_one_level)
+    with pytest.raises(ValueError, match=r"down\.1 \(down_blocks\.0\.resnets\.0\): got \(1, 8, 8, 8\), expected \(1, 16, 4, 4\)"):
+        Backbone(BackboneConfig(unet=TINY_CONFIGS["2d-3level-attn"]))

@@ -40,8 +40,10 @@ class Backbone:
         self.unet.eval()
         # the noise process: float64 alpha-bar and every formula that uses it (diffrep.diffusion)
         self.schedule = DDPMSchedule.from_config(config.schedule)
-        self._feature_info = _discover_nodes(self.unet, u.channels)
-        self._modules = {info.name: module for info, module in zip(self._feature_info, _node_modules(self.unet))}
+        table = getattr(self.unet, "node_table", None)  # an adapter (e.g. diffusers) brings its own table
+        self._feature_info = table(u.channels) if table is not None else monai_node_table(self.unet, u.channels)
+        self._modules = {info.name: self.unet.get_submodule(info.module) for info in self._feature_info}
+        check_node_shapes(self.unet, self._feature_info, self._modules, u)
 
     # ----------------------------------------------------------------- schedule
     @property
@@ -220,22 +222,54 @@ def build_unet(config: BackboneConfig) -> DiffusionModelUNet:
     )
 
 
-def _node_modules(unet: DiffusionModelUNet) -> list[nn.Module]:
-    modules: list[nn.Module] = []
-    for block in unet.down_blocks:
-        attentions = getattr(block, "attentions", None)
-        modules.append(attentions[-1] if attentions is not None and len(attentions) else block.resnets[-1])
-    modules.append(unet.middle_block)
-    modules.extend(unet.up_blocks)
-    return modules
-
-
-def _discover_nodes(unet: DiffusionModelUNet, channels: tuple[int, ...]) -> list[FeatureInfo]:
+def unet_node_table(channels: tuple[int, ...], down: list[str], mid: str, up: list[str]) -> list[FeatureInfo]:
+    """The nodes of a U-Net with one down block per level, a middle block and one up block per level:
+    ``down.i`` (channels[i], stride 2^i), ``mid`` and ``up.i`` (after its upsampler), with their module paths."""
     levels = len(channels)
-    infos = [FeatureInfo(f"down.{i}", channels[i], 2**i, "down", i) for i in range(levels)]
-    infos.append(FeatureInfo("mid", channels[-1], 2 ** (levels - 1), "mid", levels))
-    reversed_channels = list(reversed(channels))
-    for i in range(levels):
-        stride = 2 ** max(levels - 2 - i, 0)
-        infos.append(FeatureInfo(f"up.{i}", reversed_channels[i], stride, "up", levels + 1 + i))
+    infos = [FeatureInfo(f"down.{i}", channels[i], 2**i, "down", i, down[i]) for i in range(levels)]
+    infos.append(FeatureInfo("mid", channels[-1], 2 ** (levels - 1), "mid", levels, mid))
+    for i, c in enumerate(reversed(channels)):
+        infos.append(FeatureInfo(f"up.{i}", c, 2 ** max(levels - 2 - i, 0), "up", levels + 1 + i, up[i]))
     return infos
+
+
+def last_layer_path(block: nn.Module, prefix: str) -> str:
+    """A down block's output before its downsampler: its last attention if it has any, else its last resnet
+    (the block itself returns a tuple, so the hook sits on that layer)."""
+    attentions = getattr(block, "attentions", None)
+    if attentions is not None and len(attentions):
+        return f"{prefix}.attentions.{len(attentions) - 1}"
+    return f"{prefix}.resnets.{len(block.resnets) - 1}"
+
+
+def monai_node_table(unet: DiffusionModelUNet, channels: tuple[int, ...]) -> list[FeatureInfo]:
+    """The node table of MONAI's DiffusionModelUNet."""
+    down = [last_layer_path(block, f"down_blocks.{i}") for i, block in enumerate(unet.down_blocks)]
+    return unet_node_table(channels, down, "middle_block", [f"up_blocks.{i}" for i in range(len(unet.up_blocks))])
+
+
+@torch.no_grad()
+def check_node_shapes(unet: nn.Module, infos: list[FeatureInfo], modules: dict[str, nn.Module], u: Any) -> None:
+    """Dry run: one forward of a (1, C, 2m, ..., 2m) input, with m the smallest size the U-Net takes, must give
+    every node the shape its FeatureInfo promises (as timm checks its feature_info); a wrong table raises."""
+    param = next(unet.parameters(), None)
+    device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
+    spatial = (2 * u.size_multiple,) * u.spatial_dims  # 2 x 2 at the bottom: GroupNorm needs > 1 value
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str) -> Any:
+        def hook(_module: nn.Module, _inputs: Any, out: Any) -> None:  # returns None: the output is untouched
+            shapes.setdefault(name, tuple((out[0] if isinstance(out, tuple) else out).shape))
+        return hook
+
+    handles = [m.register_forward_hook(record(name)) for name, m in modules.items()]
+    try:
+        unet(torch.zeros((1, u.in_channels, *spatial), device=device, dtype=dtype),
+             torch.zeros((1,), device=device, dtype=torch.long))
+    finally:
+        for handle in handles:
+            handle.remove()
+    wrong = [f"{i.name} ({i.module}): got {shapes.get(i.name)}, expected {i.shape(1, spatial)}"
+             for i in infos if shapes.get(i.name) != i.shape(1, spatial)]
+    if wrong:
+        raise ValueError(f"node table of {type(unet).__name__} does not match the network: {'; '.join(wrong)}")

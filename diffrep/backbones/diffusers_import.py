@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbone import Backbone
+from .._types import FeatureInfo
+from .backbone import Backbone, last_layer_path, unet_node_table
 from .checkpoint import CheckpointError, check_weights
 from .config import BackboneConfig, Normalisation, ScheduleConfig, UNetConfig
 
@@ -58,6 +59,13 @@ class DiffusersUNet(nn.Module):
 
     def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return self.model(x_t, timesteps).sample
+
+    def node_table(self, channels: tuple[int, ...]) -> list[FeatureInfo]:
+        """diffrep's nodes on diffusers' blocks: ``down.i`` = the last resnet/attention of ``down_blocks[i]``,
+        ``mid`` = ``mid_block``, ``up.i`` = ``up_blocks[i]`` (after its upsampler)."""
+        down = [last_layer_path(block, f"model.down_blocks.{i}") for i, block in enumerate(self.model.down_blocks)]
+        up = [f"model.up_blocks.{i}" for i in range(len(self.model.up_blocks))]
+        return unet_node_table(channels, down, "model.mid_block", up)
 
 
 def is_diffusers_dir(path: str | os.PathLike) -> bool:
