@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from monai.networks.nets import DiffusionModelUNet
@@ -127,8 +126,3 @@ def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], 
     check_weights(state, source, expected)
     cast = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
     module.load_state_dict(cast, strict=True)
-
-
-def describe(config: BackboneConfig) -> dict[str, Any]:
-    """A short JSON-ready summary of a config for listings."""
-    return to_dict(config)

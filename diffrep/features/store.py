@@ -45,15 +45,6 @@ def fingerprint_key(fingerprint: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def file_digest(path: str | os.PathLike, limit: int | None = None) -> str:
-    """SHA-256 of a file (e.g. a checkpoint's weights), to put a checkpoint's identity in a fingerprint."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 class FeatureStore:
     """A directory of feature chunks under a fingerprint-derived key.
 
@@ -114,11 +105,3 @@ class FeatureStore:
         for chunk_id in (progress(iter(todo)) if progress else todo):
             self.write(chunk_id, compute(chunk_id))
         return self
-
-    def iter_chunks(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-        for chunk_id in self.chunk_ids():
-            yield chunk_id, self.read(chunk_id)
-
-    def concat(self, name: str) -> torch.Tensor:
-        """Concatenate one tensor over all chunks in order (for small per-image vectors only)."""
-        return torch.cat([chunk[name] for _, chunk in self.iter_chunks()])
