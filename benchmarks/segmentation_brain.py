@@ -49,7 +49,7 @@ from common import RESULTS_DIR, Stopwatch, finish_metadata, mean_std, run_metada
 from memory import PeakMeter, report, run_measured  # noqa: E402
 
 from diffrep import FeatureExtractor, FeatureKey, load_backbone, upsample_concat  # noqa: E402
-from diffrep.backbones import Backbone, BackboneConfig, UNetConfig  # noqa: E402
+from diffrep.backbones import Backbone, BackboneConfig  # noqa: E402
 from diffrep.data.augment import augment_batch, brain_augmentation  # noqa: E402
 from diffrep.data.brain import LABEL_NAMES, NUM_CLASSES, BrainSlices, load_brain_split  # noqa: E402
 from diffrep.features.pixel_store import ArrayPixels, backbone_digest, build_pixel_store  # noqa: E402
@@ -103,8 +103,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------------- helpers
 def brain_config() -> BackboneConfig:
-    return BackboneConfig(unet=UNetConfig(channels=(16, 32, 64, 64), attention_levels=(False, False, False, True),
-                                          norm_num_groups=8, num_head_channels=32))
+    """The architecture of the shipped brain-ddpm, read from its recipe (configs/train/brain-ddpm.yaml)."""
+    from diffrep.training import load_train_config
+
+    return load_train_config(Path(__file__).resolve().parents[1] / "configs" / "train" / "brain-ddpm.yaml").backbone
 
 
 def get_backbone(spec: str) -> Backbone:
