@@ -22,8 +22,9 @@ def as_float_images(images: Any, *, in_channels: int, spatial_dims: int, name: s
     Refuses integer (e.g. uint8) input: diffrep never guesses a 0..255 scaling; convert with the
     backbone's documented normalisation (``Backbone.normalise``) first.
     """
-    if isinstance(images, np.ndarray):
-        tensor = torch.from_numpy(np.ascontiguousarray(images))
+    if isinstance(images, np.ndarray):  # read-only arrays (memory maps) are copied: torch wants writable memory
+        array = np.ascontiguousarray(images)
+        tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
     elif isinstance(images, torch.Tensor):
         tensor = images
     else:

@@ -82,7 +82,7 @@ class FeatureExtractor:
         """Features of all images, keyed by FeatureKey(node, timestep), on the CPU."""
         images = self.backbone.check_images(images)
         parts: dict[FeatureKey, list[torch.Tensor]] = {}
-        for index in self._chunks(images.shape[0]):
+        for index in self.chunks(images.shape[0]):
             for key, value in self._extract_chunk(images[index]).items():
                 parts.setdefault(key, []).append(value)
         return self._wrap({key: values[0] if len(values) == 1 else torch.cat(values) for key, values in parts.items()})
@@ -90,10 +90,11 @@ class FeatureExtractor:
     def iter_batches(self, images: Any) -> Iterator[tuple[slice, FeatureDict]]:
         """Yield ``(image slice, features of those images)`` chunk by chunk, for streaming to disk."""
         images = self.backbone.check_images(images)
-        for index in self._chunks(images.shape[0]):
+        for index in self.chunks(images.shape[0]):
             yield index, self._wrap(self._extract_chunk(images[index]))
 
-    def _chunks(self, count: int) -> Iterator[slice]:
+    def chunks(self, count: int) -> Iterator[slice]:
+        """The image slices processed per forward batch (``batch_size`` rows of images x timesteps)."""
         per_chunk = max(1, self.batch_size // len(self.timesteps)) if self.batch_timesteps else self.batch_size
         for start in range(0, count, per_chunk):
             yield slice(start, min(start + per_chunk, count))

@@ -1,10 +1,11 @@
 """Reading image inputs for the CLI and writing extracted features with their metadata."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -12,6 +13,7 @@ from safetensors.torch import save_file
 
 from .._atomic import atomic_path
 from ..backbones.backbone import Backbone
+from .._types import FeatureKey
 from .extractor import FeatureDict, FeatureExtractor
 
 
@@ -109,11 +111,66 @@ def read_image_file(file: str | os.PathLike, channels: int) -> np.ndarray:
     return np.ascontiguousarray(pixels.transpose(2, 0, 1) / scale)
 
 
-def extract_to_file(backbone: Backbone, images: torch.Tensor, nodes: Iterable[str], timesteps: Iterable[int],
-                    out: Path, noise: str = "shared", seed: int = 0, batch_size: int = 64) -> Path:
-    """Extract features and write them with ``save_features``."""
+def extract_to_file(backbone: Backbone, images: Any, nodes: Iterable[str], timesteps: Iterable[int],
+                    out: str | os.PathLike, noise: str = "shared", seed: int = 0, batch_size: int = 64,
+                    dtype: torch.dtype = torch.float32, progress: bool = False) -> Path:
+    """Extract features of ``images`` (a tensor or array, e.g. a memory-mapped .npy) straight to one
+    ``.safetensors`` file (tensor names ``node@t``, the FeatureDict metadata in its header), chunk by chunk.
+
+    Memory holds one chunk of images and features, never the whole output. An interrupted run leaves
+    ``OUT.partial`` and its progress record; the same call again computes only the missing chunks
+    (see :mod:`diffrep.features.stream`). The file equals ``save_features(extractor(images))`` bit for bit
+    (same batching, see FeatureExtractor).
+    """
+    from .._provenance import feature_code_digest
+    from .cache import backbone_identity
+    from .stream import SafetensorsStream
+
     extractor = FeatureExtractor(backbone, list(nodes), list(timesteps), noise=noise, seed=seed, batch_size=batch_size)
-    return save_features(extractor(images), out, backbone_name=_backbone_name(backbone))
+    n = len(images)
+    if n == 0:
+        raise ValueError("images: expected a non-empty batch, got 0 images")
+    chunks = list(extractor.chunks(n))
+    digest = _check_and_digest(backbone, images, chunks)  # every image checked before any work
+    first = backbone.check_images(images[:1])
+    keys = [FeatureKey(node, t) for node in extractor.nodes for t in extractor.timesteps]
+    info = {i.name: i for i in backbone.feature_info()}
+    specs = {f"{k.node}@{k.timestep}": (dtype, info[k.node].shape(n, tuple(first.shape[2:]))) for k in keys}
+    metadata = {"keys": [{"node": k.node, "timestep": k.timestep, "noise_level": backbone.noise_level(k.timestep),
+                          "shape": list(specs[f"{k.node}@{k.timestep}"][1])} for k in keys],
+                "noise": str(extractor.noise), "seed": extractor.seed, "backbone": _backbone_name(backbone)}
+    fingerprint = {"code": feature_code_digest(), "backbone": backbone_identity(backbone),
+                   "images": digest, "keys": list(specs), "noise": str(extractor.noise),
+                   "seed": seed, "batch_size": batch_size, "dtype": str(dtype)}
+    stream = SafetensorsStream(_safetensors_name(out), specs, {"diffrep": json.dumps(metadata)}, fingerprint)
+    todo = [i for i in range(len(chunks)) if i not in stream.done]
+    try:
+        from tqdm.auto import tqdm
+
+        for i in tqdm(todo, desc="extract", unit="chunk", disable=not progress):
+            features = extractor(backbone.check_images(images[chunks[i]]))
+            for key in keys:
+                stream.write_rows(f"{key.node}@{key.timestep}", chunks[i].start, features[key].to(dtype))
+            stream.mark_done(i)
+    except BaseException:
+        stream.abort()
+        raise
+    return stream.close(len(chunks))
+
+
+def _check_and_digest(backbone: Backbone, images: Any, chunks: list[slice]) -> str:
+    """Check every chunk of images for the backbone and digest their shape, dtype and values, one chunk in
+    memory at a time (works on memory-mapped arrays)."""
+    digest = hashlib.sha256(f"{getattr(images, 'dtype', '')}:{tuple(images.shape)}".encode())
+    for index in chunks:
+        part = backbone.check_images(images[index])
+        digest.update(part.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _safetensors_name(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out if out.suffix == ".safetensors" else out.with_name(out.name + ".safetensors")
 
 
 def _backbone_name(backbone: Backbone) -> str:
@@ -124,9 +181,7 @@ def save_features(features: FeatureDict, out: str | os.PathLike, backbone_name: 
     """Write one ``.safetensors`` file (tensor names ``node@t``) with the FeatureDict metadata in its header."""
     tensors = {f"{k.node}@{k.timestep}": v.contiguous() for k, v in features.items()}
     metadata = {**features.metadata(), "backbone": backbone_name}
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        out = out.with_name(out.name + ".safetensors")
+    out = _safetensors_name(out)
     with atomic_path(out) as tmp:
         save_file(tensors, tmp, metadata={"diffrep": json.dumps(metadata)})
     return out
