@@ -10,12 +10,15 @@ does batching, brain-mask handling, erosion, median filtering and image scores.
 """
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
 
 from .._types import AnomalyResult
 from .postprocess import check_masks, image_scores, postprocess_maps
@@ -33,6 +36,8 @@ class AnomalyScorer(BaseEstimator, ABC):
     median: int = 0
     top_fraction: float = 0.01
     batch_size: int = 32
+    # The fitted attribute whose absence means "not fitted" (None: nothing to fit, e.g. reconstruction).
+    _fitted_attribute: str | None = None
 
     # ---------------------------------------------------------------- contract
     @property
@@ -69,6 +74,7 @@ class AnomalyScorer(BaseEstimator, ABC):
     def raw_maps(self, images: Any) -> np.ndarray:
         """Unprocessed anomaly maps (N, *spatial) float32, computed in batches of ``batch_size``."""
         self._validate()
+        self._require_fitted()
         x = self._check_images(images)
         return self._batched_raw_maps(x)
 
@@ -79,9 +85,40 @@ class AnomalyScorer(BaseEstimator, ABC):
         outside the eroded mask when masks are given, then median-filtered.
         """
         self._validate()
+        self._require_fitted()
         x = self._check_images(images)
         m = check_masks(masks, tuple(x.shape))
         return self._finish(self._batched_raw_maps(x), m)
+
+    # ------------------------------------------------------------- persistence
+    def _require_fitted(self) -> None:
+        """Raise NotFittedError (naming the scorer) if it needs ``fit`` and has not had it."""
+        if self._fitted_attribute is not None and not hasattr(self, self._fitted_attribute):
+            raise NotFittedError(f"{type(self).__name__}: call fit(healthy_images, masks) (or load a saved one "
+                                 "with load_fitted) first")
+
+    def _fitted_state(self) -> dict[str, Any]:
+        """The fitted attributes to save (see diffrep.persistence); none for a scorer without fitting."""
+        self._require_fitted()
+        return {}
+
+    def _set_fitted_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`_fitted_state` returned (attribute by attribute)."""
+        for name, value in state.items():
+            setattr(self, name, value)
+
+    def save(self, directory: str | os.PathLike, backbone_source: str | None = None) -> Path:
+        """Save with :func:`diffrep.persistence.save_fitted` (``config.json`` + ``state.safetensors``)."""
+        from ..persistence import save_fitted
+
+        return save_fitted(self, directory, backbone_source=backbone_source)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, backbone: Any = None, **params: Any) -> "AnomalyScorer":
+        """A scorer of this class saved by :meth:`save` (see :func:`diffrep.persistence.load_fitted`)."""
+        from ..persistence import load_fitted
+
+        return load_fitted(directory, backbone=backbone, expected=cls, params=params)
 
     # ----------------------------------------------------------------- helpers
     def _batched_raw_maps(self, x: torch.Tensor) -> np.ndarray:

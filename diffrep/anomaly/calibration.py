@@ -42,8 +42,11 @@ class CalibratedScorer(AnomalyScorer):
         erode, median, top_fraction, batch_size: as for every AnomalyScorer.
 
     ``fit(healthy_images, masks)`` must run before ``score``. Maps are z-scores: they can be
-    negative inside the mask (a residual smaller than usual for that kind of pixel).
+    negative inside the mask (a residual smaller than usual for that kind of pixel). ``save`` /
+    :func:`diffrep.persistence.save_fitted` stores the table and the base scorer (nested, in ``scorer/``).
     """
+
+    _fitted_attribute = "mean_"
 
     def __init__(self, scorer: AnomalyScorer | None = None, bins: int = 16, min_count: int = 20, erode: int = 0,
                  median: int = 0, top_fraction: float = 0.01, batch_size: int = 32) -> None:
@@ -102,6 +105,12 @@ class CalibratedScorer(AnomalyScorer):
         self.std_ = np.sqrt(np.maximum(var, 0.0)).clip(min=floor).astype(np.float32)
         self.cell_counts_ = count
         return self
+
+    def _fitted_state(self) -> dict[str, Any]:
+        """The bin edges and the per-cell healthy mean, std and pixel count."""
+        self._require_fitted()
+        names = ("intensity_edges_", "gradient_edges_", "mean_", "std_", "cell_counts_")
+        return {name: getattr(self, name) for name in names}
 
     def _cells(self, intensity: np.ndarray, gradient: np.ndarray) -> np.ndarray:
         return (np.digitize(intensity, self.intensity_edges_) * int(self.bins)

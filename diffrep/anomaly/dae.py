@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._types import AnomalyResult
 from ..errors import as_float_images
 from .base import AnomalyScorer, check_positive_int
 from .postprocess import check_masks
@@ -50,13 +49,27 @@ class DAEScorer(AnomalyScorer):
             only such a model can be saved).
         channels, strides, num_res_units: MONAI ``UNet`` architecture (2D, in = out = ``in_channels``).
         noise_resolution, noise_std: the coarse noise (Kascenas et al.: 16 x 16, std 0.2).
-        erode, median, top_fraction, batch_size: see AnomalyScorer. device: where the model runs.
+        erode, median, top_fraction, batch_size: see AnomalyScorer (``batch_size``: images per scoring
+            forward). device: where the model runs.
+        steps, train_batch_size, lr: training steps, images per training batch, Adam learning rate.
+        seed: the initial weights, the batches, the noise and the augmentation seeds all derive from it.
+        augment: ``augment(images, masks, seed) -> (images, masks)`` run per training batch (see
+            :func:`brain_augment`), or None. A saved scorer records whether one was used
+            (``training_["augment"]``) but not the callable itself: it is saved as None.
+        progress: a tqdm bar while training.
+
+    ``save`` / :func:`diffrep.persistence.save_fitted` writes ``config.json`` + ``state.safetensors``;
+    ``DAEScorer.load`` also reads the earlier ``config.json`` + ``model.safetensors`` folders.
     """
+
+    _fitted_attribute = "model_"
 
     def __init__(self, model: nn.Module | None = None, channels: Sequence[int] = (32, 64, 128, 256),
                  strides: Sequence[int] = (2, 2, 2), num_res_units: int = 2, in_channels: int = 1,
                  noise_resolution: int = 16, noise_std: float = 0.2, erode: int = 0, median: int = 0,
-                 top_fraction: float = 0.01, batch_size: int = 32, device: str = "cpu") -> None:
+                 top_fraction: float = 0.01, batch_size: int = 32, device: str = "cpu", steps: int = 1000,
+                 train_batch_size: int = 16, lr: float = 1e-4, seed: int = 0, augment: Augment | None = None,
+                 progress: bool = True) -> None:
         self.model = model
         self.channels = channels
         self.strides = strides
@@ -69,6 +82,12 @@ class DAEScorer(AnomalyScorer):
         self.top_fraction = top_fraction
         self.batch_size = batch_size
         self.device = device
+        self.steps = steps
+        self.train_batch_size = train_batch_size
+        self.lr = lr
+        self.seed = seed
+        self.augment = augment
+        self.progress = progress
 
     def build_model(self) -> nn.Module:
         """The MONAI 2D UNet described by this scorer's architecture arguments."""
@@ -93,20 +112,20 @@ class DAEScorer(AnomalyScorer):
         return x
 
     # ------------------------------------------------------------------- train
-    def fit(self, healthy_images: Any, masks: Any = None, steps: int = 1000, batch_size: int = 16, lr: float = 1e-4,
-            seed: int = 0, augment: Augment | None = None, progress: bool = True) -> "DAEScorer":
+    def fit(self, healthy_images: Any, masks: Any = None) -> "DAEScorer":
         """Train the DAE on healthy images with the L2 loss ||DAE(x + n) - x||^2, n coarse noise.
 
-        The noise is applied inside ``masks`` only (foreground) when masks are given. Seeded: the
-        initial weights, the batches, the noise and the augmentation seeds all derive from ``seed``.
-        ``augment(images, masks, seed) -> (images, masks)`` runs per batch (see :func:`brain_augment`).
+        The noise is applied inside ``masks`` only (foreground) when masks are given. The training
+        settings (``steps``, ``train_batch_size``, ``lr``, ``seed``, ``augment``) are ``__init__`` arguments.
         """
         from tqdm.auto import tqdm
 
         from ..noise import make_noise
 
         self._validate()
-        steps, batch_size = check_positive_int(steps, "steps"), check_positive_int(batch_size, "batch_size")
+        steps = check_positive_int(self.steps, "steps")
+        batch_size = check_positive_int(self.train_batch_size, "train_batch_size")
+        seed, lr, augment, progress = self.seed, self.lr, self.augment, self.progress
         x = self._check_images(healthy_images)
         m = check_masks(masks, tuple(x.shape))
         m = torch.from_numpy(m)[:, None].float() if m is not None else torch.ones_like(x[:, :1])
@@ -137,64 +156,40 @@ class DAEScorer(AnomalyScorer):
         return self
 
     # ------------------------------------------------------------------- score
-    def score(self, images: Any, masks: Any = None) -> AnomalyResult:
-        """Maps |x - DAE(x)| (averaged over channels) and image scores; needs ``fit`` or ``load``."""
-        if not hasattr(self, "model_"):
-            from sklearn.exceptions import NotFittedError
-
-            raise NotFittedError("DAEScorer: call fit(healthy_images, masks) or DAEScorer.load(directory) first")
-        return super().score(images, masks)
-
     @torch.inference_mode()
     def _raw_maps(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device)
         return (x - self.model_(x)).abs().mean(dim=1)
 
     # ---------------------------------------------------------------------- io
-    def _config(self) -> dict[str, Any]:
-        keys = ("channels", "strides", "num_res_units", "in_channels", "noise_resolution", "noise_std",
-                "erode", "median", "top_fraction", "batch_size")
-        params = {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in self.get_params().items() if k in keys}
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "params": params,
-                "training": getattr(self, "training_", None)}
-
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` (architecture, noise, post-processing, training record) and
-        ``model.safetensors`` (weights) to ``directory``, each atomically."""
-        from safetensors.torch import save_file
-
-        from .._atomic import atomic_path, atomic_write_bytes
-
-        if not hasattr(self, "model_"):
-            raise ValueError("DAEScorer.save: expected a trained scorer (call fit first), got an untrained one")
+    def _saved_params(self) -> dict[str, Any]:
+        """The parameters to save: a custom ``model`` cannot be (its architecture is unknown); a custom
+        ``augment`` callable is saved as None (``training_`` records that one was used)."""
         if self.model is not None:
             raise ValueError("DAEScorer.save: only a model built from channels/strides/num_res_units can be saved "
                              "(its architecture goes into config.json); got a custom model")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model_.state_dict().items()}
-        with atomic_path(directory / "model.safetensors") as tmp:
-            save_file(state, tmp, metadata={"format": FORMAT})
-        atomic_write_bytes(directory / "config.json", (json.dumps(self._config(), indent=2) + "\n").encode())
-        return directory
+        return dict(self.get_params(deep=False), augment=None)
+
+    def _fitted_state(self) -> dict[str, Any]:
+        """The trained weights, the loss per step and the training record."""
+        self._require_fitted()
+        return {"model_": dict(self.model_.state_dict()), "loss_history_": list(self.loss_history_),
+                "training_": self.training_}
+
+    def _set_fitted_state(self, state: dict[str, Any]) -> None:
+        model = self.build_model()
+        model.load_state_dict(state["model_"])
+        self.model_ = model.to(self.device).eval()
+        self.loss_history_ = list(state.get("loss_history_", []))
+        self.training_ = state.get("training_")
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, device: str = "cpu") -> "DAEScorer":
-        """Rebuild a trained DAEScorer written by :meth:`save` (no pickle: safetensors + JSON)."""
-        from safetensors.torch import load_file
+    def load(cls, directory: str | os.PathLike, backbone: Any = None, device: str = "cpu", **params: Any) -> "DAEScorer":
+        """A trained DAEScorer saved by :meth:`save` (no pickle), or by diffrep's earlier DAE format
+        (``config.json`` of format ``diffrep-dae`` + ``model.safetensors``)."""
+        from .._legacy_formats import load_legacy_dae
+        from ..persistence import load_fitted, read_config
 
-        directory = Path(directory)
-        config_path, weights_path = directory / "config.json", directory / "model.safetensors"
-        if not config_path.is_file() or not weights_path.is_file():
-            raise FileNotFoundError(f"DAEScorer.load: expected {config_path} and {weights_path}")
-        payload = json.loads(config_path.read_text())
-        if payload.get("format") != FORMAT or payload.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{config_path}: expected format {FORMAT!r} version {FORMAT_VERSION}, "
-                             f"got {payload.get('format')!r} version {payload.get('format_version')!r}")
-        params = {k: (tuple(v) if isinstance(v, list) else v) for k, v in payload["params"].items()}
-        scorer = cls(**params, device=device)
-        model = scorer.build_model()
-        model.load_state_dict(load_file(str(weights_path)))
-        scorer.model_ = model.to(device).eval()
-        scorer.training_ = payload.get("training")
-        return scorer
+        if read_config(directory).get("format") == FORMAT:
+            return load_legacy_dae(cls, Path(directory), device)
+        return load_fitted(directory, backbone=backbone, expected=cls, params={"device": device, **params})

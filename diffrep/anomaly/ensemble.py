@@ -119,11 +119,25 @@ class MultiLevelScorer(AnomalyScorer):
         self.level_std_ = np.asarray(stds)
         return self
 
-    def _raw_maps(self, images: torch.Tensor) -> torch.Tensor:
-        """The combined (normalised) maps of one batch before masking and filtering."""
+    def _require_fitted(self) -> None:
+        """With ``normalise="healthy"`` the healthy statistics are needed: NotFittedError without them."""
         if self.normalise == "healthy" and not hasattr(self, "members_"):
             raise NotFittedError("MultiLevelScorer with normalise='healthy' must be fitted on healthy images "
                                  "first (call fit(healthy_images, masks)), or use normalise=None")
+
+    def _fitted_state(self) -> dict[str, Any]:
+        """The per-level healthy means and stds (the members are rebuilt from the parameters)."""
+        self._require_fitted()
+        return {"level_mean_": self.level_mean_, "level_std_": self.level_std_} if hasattr(self, "members_") else {}
+
+    def _set_fitted_state(self, state: dict[str, Any]) -> None:
+        super()._set_fitted_state(state)
+        if state:
+            self.members_ = self._members()
+
+    def _raw_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """The combined (normalised) maps of one batch before masking and filtering."""
+        self._require_fitted()
         raws = np.stack([member.raw_maps(images) for member in self._current_members()])  # (levels, n, *spatial)
         if self.normalise == "healthy":
             shape = (-1,) + (1,) * (raws.ndim - 1)

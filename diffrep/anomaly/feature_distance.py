@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from ..backbones.backbone import Backbone
 from ..features import FeatureExtractor, NoisePolicy, upsample_concat
-from .._types import AnomalyResult
 from .base import AnomalyScorer, check_choice, check_positive_int
 from .postprocess import check_masks
 
@@ -50,6 +49,9 @@ def _pooled(features: dict, size: tuple[int, ...]) -> torch.Tensor:
 class FeatureDistanceScorer(AnomalyScorer):
     """Distance of test pixel descriptors to healthy ones; see the module docstring.
 
+    ``fit`` must run before ``score`` (NotFittedError otherwise); a fitted scorer is saved with
+    ``save`` / :func:`diffrep.persistence.save_fitted` (a reference to its backbone included).
+
     Args:
         backbone: the pretrained U-Net. nodes, timesteps, noise, seed: as for FeatureExtractor.
         method: ``"knn"`` (memory bank) or ``"gaussian"`` (per-position Mahalanobis, PaDiM).
@@ -59,6 +61,8 @@ class FeatureDistanceScorer(AnomalyScorer):
         gaussian_size: grid side for ``"gaussian"`` (positions = gaussian_size^spatial_dims).
         erode, median, top_fraction, batch_size: see AnomalyScorer.
     """
+
+    _fitted_attribute = "extractor_"
 
     def __init__(self, backbone: Backbone, nodes: Sequence[str], timesteps: Sequence[int] | int,
                  method: str = "knn", k: int = 1, max_pixels: int = 50_000, pca_components: int | None = None,
@@ -158,15 +162,19 @@ class FeatureDistanceScorer(AnomalyScorer):
         self.gaussian_mean_ = torch.from_numpy(np.stack([f.location_ for f in fits])).float()
         self.gaussian_precision_ = torch.from_numpy(np.stack([f.precision_ for f in fits])).float()
 
+    # ------------------------------------------------------------- persistence
+    def _fitted_state(self) -> dict[str, Any]:
+        """The PCA, and the memory bank (knn) or the per-position Gaussians (gaussian)."""
+        self._require_fitted()
+        names = ["pca_mean_", "pca_components_"]
+        names += ["memory_bank_"] if self.method == "knn" else ["gaussian_mean_", "gaussian_precision_"]
+        return {name: getattr(self, name) for name in names}
+
+    def _set_fitted_state(self, state: dict[str, Any]) -> None:
+        super()._set_fitted_state(state)
+        self.extractor_ = self._extractor()
+
     # ------------------------------------------------------------------- score
-    def score(self, images: Any, masks: Any = None) -> AnomalyResult:
-        """Maps and image scores of test images; needs ``fit`` first."""
-        if not hasattr(self, "extractor_"):
-            from sklearn.exceptions import NotFittedError
-
-            raise NotFittedError("FeatureDistanceScorer: call fit(healthy_images, masks) before score")
-        return super().score(images, masks)
-
     @torch.inference_mode()
     def _raw_maps(self, images: torch.Tensor) -> torch.Tensor:
         feats = self.extractor_(images)

@@ -16,7 +16,6 @@ pixels, cross-entropy, and predict by majority vote. Differences here, all delib
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -24,18 +23,17 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
 from torch import nn
 
-from ..backbones.checkpoint import atomic_write_bytes
 from ..features.pixel_store import ArrayPixels, BalancedPixelSampler, PixelSource, check_pixel_labels
+from ..persistence import CONFIG_NAME, STATE_NAME
 from .label_maps import check_label_classes, segmentation_metrics
 
-HEAD_WEIGHTS = "head.safetensors"
-HEAD_CONFIG = "head.json"
-FORMAT = "diffrep-pixel-classifier"
+# A head folder holds diffrep.persistence's two files (earlier ones, head.json + head.safetensors, still load).
+HEAD_WEIGHTS = STATE_NAME
+HEAD_CONFIG = CONFIG_NAME
 VOTES = ("majority", "mean")
 
 
@@ -224,7 +222,7 @@ class PixelClassifier(BaseEstimator):
     # ------------------------------------------------------------------------------------ predict
     def _check_fitted(self) -> None:
         if not hasattr(self, "ensemble_"):
-            raise RuntimeError("PixelClassifier: call fit() (or PixelClassifier.load) before predicting")
+            raise NotFittedError("PixelClassifier: call fit() (or PixelClassifier.load) before predicting")
 
     @torch.inference_mode()
     def member_probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -288,69 +286,49 @@ class PixelClassifier(BaseEstimator):
         return segmentation_metrics(self.predict(X), truth, len(self.classes_), self.ignore_index)["miou"]
 
     # --------------------------------------------------------------------------------- persistence
-    def save(self, directory: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
-        """Write ``head.safetensors`` (weights, standardisation) and ``head.json`` (params, metadata). No pickle."""
+    def _fitted_state(self) -> dict[str, Any]:
+        """The fitted attributes saved by :func:`diffrep.persistence.save_fitted`."""
         self._check_fitted()
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {f"ensemble.{k}": v.detach().cpu().contiguous() for k, v in self.ensemble_.state_dict().items()}
-        tensors["mean"], tensors["scale"] = self.mean_.contiguous(), self.scale_.contiguous()
-        tmp = directory / f".{HEAD_WEIGHTS}.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, directory / HEAD_WEIGHTS)
-        params = self.get_params()
-        params["hidden"] = [int(h) for h in params["hidden"]]
-        config = {"format": FORMAT, "format_version": 1, "params": params, "num_classes": len(self.classes_),
-                  "n_features_in": self.n_features_in_, "n_train_images": self.n_train_images_,
-                  "class_pixel_counts": [int(c) for c in self.class_pixel_counts_],
-                  "loss_curve": self.loss_curve_, "metadata": metadata or {}}
-        atomic_write_bytes(directory / HEAD_CONFIG, json.dumps(config, indent=2).encode())
-        return directory
+        names = ("mean_", "scale_", "classes_", "n_features_in_", "n_train_images_", "class_pixel_counts_",
+                 "loss_curve_", "sample_pixels_", "peak_sample_bytes_")
+        state = {name: getattr(self, name) for name in names if hasattr(self, name)}
+        ensemble = {k: v.detach().cpu() for k, v in self.ensemble_.state_dict().items()}
+        return {**state, "ensemble_": ensemble, "metadata_": getattr(self, "metadata_", {})}
+
+    def _set_fitted_state(self, state: dict[str, Any]) -> None:
+        """Rebuild the ensemble from its weights and set the other fitted attributes."""
+        state = dict(state)
+        c, d = len(state["classes_"]), int(state["n_features_in_"])
+        self.ensemble_ = MLPEnsemble(int(self.n_members), d, tuple(int(h) for h in self.hidden), c)
+        self.ensemble_.load_state_dict(state.pop("ensemble_"))
+        self.ensemble_.to(self.device).eval()
+        for name, value in state.items():
+            setattr(self, name, value)
+
+    def save(self, directory: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
+        """Write ``config.json`` (params, metadata) + ``state.safetensors`` (weights, standardisation), no
+        pickle (:func:`diffrep.persistence.save_fitted`); ``metadata`` (if given) becomes ``metadata_``."""
+        from ..persistence import save_fitted
+
+        self._check_fitted()
+        if metadata is not None:
+            self.metadata_ = dict(metadata)
+        return save_fitted(self, directory)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str = "cpu") -> "PixelClassifier":
-        """Rebuild a fitted classifier from :meth:`save`'s directory; a garbled or non-finite head names its file."""
-        directory = Path(directory)
-        for name in (HEAD_CONFIG, HEAD_WEIGHTS):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"pixel classifier: expected {directory / name}, it does not exist")
-        try:
-            config = json.loads((directory / HEAD_CONFIG).read_text())
-        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-            raise ValueError(f"{directory / HEAD_CONFIG}: expected the JSON written by PixelClassifier.save, "
-                             f"got unreadable text ({err})") from err
-        if not isinstance(config, dict) or config.get("format") != FORMAT:
-            got = config.get("format") if isinstance(config, dict) else type(config).__name__
-            raise ValueError(f"{directory / HEAD_CONFIG}: expected format {FORMAT!r}, got {got!r}")
-        try:
-            tensors = load_file(str(directory / HEAD_WEIGHTS))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"{directory / HEAD_WEIGHTS}: expected a readable safetensors file ({err})") from err
-        bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        if bad:
-            raise ValueError(f"{directory / HEAD_WEIGHTS}: expected finite weights, got NaN/Inf in {bad[:5]}")
-        try:
-            return cls._rebuild(config, tensors, device)
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
-            raise ValueError(f"{directory}: expected {HEAD_CONFIG} and {HEAD_WEIGHTS} of one head saved by "
-                             f"PixelClassifier.save, they do not fit together ({type(err).__name__}: {err})") from err
+        """A fitted classifier from :meth:`save`'s folder, or from an earlier ``head.json`` + ``head.safetensors``
+        folder; a garbled or non-finite head names its file."""
+        from .._legacy_formats import LEGACY_HEAD_CONFIG, load_legacy_head
+        from ..persistence import load_fitted
 
-    @classmethod
-    def _rebuild(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], device: str) -> "PixelClassifier":
-        params = dict(config["params"], hidden=tuple(config["params"]["hidden"]), device=device)
-        model = cls(**params)
-        c, d = int(config["num_classes"]), int(config["n_features_in"])
-        model.ensemble_ = MLPEnsemble(int(params["n_members"]), d, params["hidden"], c)
-        model.ensemble_.load_state_dict({k[len("ensemble."):]: v for k, v in tensors.items() if k.startswith("ensemble.")})
-        model.ensemble_.to(device).eval()
-        model.mean_, model.scale_ = tensors["mean"], tensors["scale"]
-        model.classes_ = np.arange(c)
-        model.n_features_in_ = d
-        model.n_train_images_ = int(config.get("n_train_images", 0))
-        model.class_pixel_counts_ = np.asarray(config.get("class_pixel_counts", []), dtype=np.int64)
-        model.loss_curve_ = config.get("loss_curve", [])
-        model.metadata_ = config.get("metadata", {})
-        return model
+        directory = Path(directory)
+        if not (directory / HEAD_CONFIG).is_file() and (directory / LEGACY_HEAD_CONFIG).is_file():
+            return load_legacy_head(cls, directory, device)
+        if not (directory / HEAD_CONFIG).is_file():
+            raise FileNotFoundError(f"pixel classifier: expected {directory / HEAD_CONFIG} (or an earlier "
+                                    f"{LEGACY_HEAD_CONFIG}), it does not exist")
+        return load_fitted(directory, expected=cls, params={"device": device})
 
 
 # ----------------------------------------------------------------------------------------- helpers
