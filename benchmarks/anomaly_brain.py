@@ -208,13 +208,13 @@ def dae_factory(train: tuple[torch.Tensor, torch.Tensor], steps: int, cache_dir:
     info.update(recipe=recipe, cache=str(path))
 
     def factory(_backbone: Backbone, s: dict) -> DAEScorer:
-        if not (path / "model.safetensors").is_file():
+        if not (path / "config.json").is_file():
             start = time.perf_counter()
             dae = DAEScorer(channels=tuple(recipe["channels"]), strides=tuple(recipe["strides"]),
                             num_res_units=recipe["num_res_units"], noise_resolution=recipe["noise_resolution"],
-                            noise_std=recipe["noise_std"])
-            dae.fit(train[0], train[1], steps=steps, batch_size=recipe["batch_size"], lr=recipe["lr"],
-                    seed=recipe["seed"], augment=brain_augment(), progress=progress)
+                            noise_std=recipe["noise_std"], steps=steps, train_batch_size=recipe["batch_size"],
+                            lr=recipe["lr"], seed=recipe["seed"], augment=brain_augment(), progress=progress)
+            dae.fit(train[0], train[1])
             every = max(1, steps // 100)  # a 100-point loss curve, to judge convergence
             curve = {"every": every, "loss": [float(np.mean(dae.loss_history_[i:i + every]))
                                               for i in range(0, steps, every)],

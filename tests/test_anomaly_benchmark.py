@@ -108,7 +108,7 @@ def test_quick_benchmark_has_every_row_and_column(tmp_path, monkeypatch):
     methods = {row["method"] for row in on_disk["selection_table"]}
     assert set(expected) <= methods
     assert all(0 <= row["val_pixel_auprc"] <= 1 for row in on_disk["selection_table"])
-    assert Path(on_disk["dae"]["cache"]).joinpath("model.safetensors").is_file()
+    assert Path(on_disk["dae"]["cache"]).joinpath("state.safetensors").is_file()
     assert len(on_disk["dae"]["loss"]) >= 1 and on_disk["dae"]["training"]["steps"] == g["dae_steps"]
 
 

@@ -227,22 +227,22 @@ def test_dae_trains_and_round_trips(tmp_path):
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 16), torch.linspace(-1, 1, 16), indexing="ij")
     centres = torch.rand(8, 2, generator=g) - 0.5
     x = torch.exp(-((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2) / 0.3)[:, None]
-    kw = dict(channels=(8, 16), strides=(2,), num_res_units=1)
-    dae = DAEScorer(**kw).fit(x, steps=40, batch_size=4, lr=3e-3, seed=0, progress=False)
+    kw = dict(channels=(8, 16), strides=(2,), num_res_units=1, progress=False)
+    dae = DAEScorer(**kw, steps=40, train_batch_size=4, lr=3e-3, seed=0).fit(x)
     losses = dae.loss_history_
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
-    assert DAEScorer(**kw).fit(x, steps=3, batch_size=4, lr=3e-3, seed=0, progress=False).loss_history_ == losses[:3]
+    assert DAEScorer(**kw, steps=3, train_batch_size=4, lr=3e-3, seed=0).fit(x).loss_history_ == losses[:3]
     result = dae.score(x[:3])
     assert result.maps.shape == (3, 16, 16) and dae.unet_calls_per_image == 1
     loaded = DAEScorer.load(dae.save(tmp_path / "dae"))
     np.testing.assert_array_equal(loaded.score(x[:3]).maps, result.maps)
     assert loaded.training_["steps"] == 40
     seen = []
-    DAEScorer(**kw).fit(x, steps=2, batch_size=2, progress=False, augment=lambda i, m, s: (seen.append(s) or (i.flip(-1), m)))
+    DAEScorer(**kw, steps=2, train_batch_size=2, augment=lambda i, m, s: (seen.append(s) or (i.flip(-1), m))).fit(x)
     assert len(seen) == 2
     masks = torch.ones_like(x)
     masks[:, :, :2] = 0
-    DAEScorer(**kw).fit(x, masks, steps=1, batch_size=2, progress=False, augment=brain_augment(prob=1.0))
+    DAEScorer(**kw, steps=1, train_batch_size=2, augment=brain_augment(prob=1.0)).fit(x, masks)
     with pytest.raises(NotFittedError):
         DAEScorer(**kw).score(x)
 

@@ -452,7 +452,7 @@ def _head(tmp: Path, ckpt: Path, nan: bool = False) -> str:
 
 def _garbled_head(tmp: Path, ckpt: Path) -> str:
     head = _head(tmp, ckpt)
-    (Path(head) / "head.json").write_text("{garbled")
+    (Path(head) / "config.json").write_text("{garbled")
     return head
 
 
@@ -496,20 +496,20 @@ CASES_SEGMENT = [
          r"--images .*x\.npy: every spatial size must be divisible by 4"),
     Case("segment-fit-head-already-fitted",
          lambda tmp, ckpt: _fit(tmp, ckpt, _labels([0, 1]), "--out", _head(tmp, ckpt)),
-         r"--out .*head: expected a folder without a fitted head, it already holds head\.json, head\.safetensors; "
+         r"--out .*head: expected a folder without a fitted head, it already holds config\.json, state\.safetensors; "
          r"pass --overwrite"),
     Case("segment-fit-out-is-a-file",
          lambda tmp, ckpt: _fit(tmp, ckpt, _labels([0, 1]), "--out", str(tmp / "x.npy")),
-         r"--out .*x\.npy: expected a folder for head\.safetensors \+ head\.json, got an existing file"),
+         r"--out .*x\.npy: expected a folder for state\.safetensors \+ config\.json, got an existing file"),
     Case("segment-predict-missing-head",
          lambda tmp, ckpt: _predict(str(tmp / "nohead"), _images(tmp), str(tmp / "pred.npy")),
-         r"expected .*nohead/head\.json, it does not exist"),
+         r"expected .*nohead/config\.json \(or an earlier head\.json\), it does not exist"),
     Case("segment-predict-garbled-head",
          lambda tmp, ckpt: _predict(_garbled_head(tmp, ckpt), _images(tmp), str(tmp / "pred.npy")),
-         r"head/head\.json: expected the JSON written by PixelClassifier\.save"),
+         r"head/config\.json: expected the JSON written by save_fitted"),
     Case("segment-predict-nan-head", lambda tmp, ckpt: _predict(_head(tmp, ckpt, nan=True), _images(tmp),
                                                                 str(tmp / "pred.npy")),
-         r"head/head\.safetensors: expected finite weights, got NaN/Inf"),
+         r"head/state\.safetensors: expected finite values, got NaN/Inf"),
     Case("segment-predict-wrong-channel-count",
          lambda tmp, ckpt: _predict(_head(tmp, ckpt), _images(tmp, channels=3), str(tmp / "pred.npy")),
          r"--images .*x\.npy: expected 1 channel\(s\) in dim 1, got 3"),
@@ -517,8 +517,8 @@ CASES_SEGMENT = [
          lambda tmp, ckpt: _predict(_head(tmp, ckpt), _images(tmp), str(tmp / "x.npy"), "--overwrite"),
          r"--out .*x\.npy: expected a new output file, got the input images"),
     Case("segment-predict-out-is-the-head",
-         lambda tmp, ckpt: _predict(_head(tmp, ckpt), _images(tmp), str(tmp / "head" / "head.json"), "--overwrite"),
-         r"--out .*head\.json: expected a new output file, got the head config"),
+         lambda tmp, ckpt: _predict(_head(tmp, ckpt), _images(tmp), str(tmp / "head" / "config.json"), "--overwrite"),
+         r"--out .*config\.json: expected a new output file, got the head config"),
     Case("segment-predict-uncertainty-is-out",
          lambda tmp, ckpt: _predict(_head(tmp, ckpt), _images(tmp), str(tmp / "p.npy"), "--uncertainty",
                                     str(tmp / "p.npy")),

@@ -106,7 +106,7 @@ def test_save_load_roundtrip_uses_safetensors_and_json(tmp_path):
     x, y = toy()
     clf = small().fit(x, y)
     clf.save(tmp_path, metadata={"nodes": ["up.1"]})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["head.json", "head.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "state.safetensors"]
     loaded = PixelClassifier.load(tmp_path)
     assert loaded.get_params() == clf.get_params() and loaded.metadata_ == {"nodes": ["up.1"]}
     np.testing.assert_array_equal(loaded.predict(x), clf.predict(x))
@@ -201,10 +201,35 @@ def test_non_finite_descriptors_are_refused():
     (lambda d: _nan_weights(d), r"head\.safetensors: expected finite weights, got NaN/Inf in \['ensemble"),
 ])
 def test_garbled_head_folder_is_refused_naming_the_file(tmp_path, damage, match):
-    small().fit(*toy()).save(tmp_path)
+    """An earlier head.json + head.safetensors folder (still read): damage in it is named by file."""
+    _save_legacy_head(small().fit(*toy()), tmp_path)
     damage(tmp_path)
     with pytest.raises(ValueError, match=match):
         PixelClassifier.load(tmp_path)
+
+
+def test_earlier_head_folder_still_loads_with_equal_predictions(tmp_path):
+    x, y = toy()
+    clf = small().fit(x, y)
+    _save_legacy_head(clf, tmp_path, metadata={"nodes": ["up.1"]})
+    loaded = PixelClassifier.load(tmp_path)
+    assert loaded.get_params() == clf.get_params() and loaded.metadata_ == {"nodes": ["up.1"]}
+    np.testing.assert_array_equal(loaded.predict_proba(x), clf.predict_proba(x))
+
+
+def _save_legacy_head(clf, directory, metadata=None):
+    """Write ``clf`` as PixelClassifier.save did before diffrep.persistence: head.json + head.safetensors."""
+    from safetensors.torch import save_file
+
+    tensors = {f"ensemble.{k}": v.detach().cpu().contiguous() for k, v in clf.ensemble_.state_dict().items()}
+    tensors["mean"], tensors["scale"] = clf.mean_.contiguous(), clf.scale_.contiguous()
+    save_file(tensors, str(directory / "head.safetensors"))
+    params = dict(clf.get_params(), hidden=[int(h) for h in clf.hidden])
+    config = {"format": "diffrep-pixel-classifier", "format_version": 1, "params": params,
+              "num_classes": len(clf.classes_), "n_features_in": clf.n_features_in_,
+              "n_train_images": clf.n_train_images_, "class_pixel_counts": [int(c) for c in clf.class_pixel_counts_],
+              "loss_curve": clf.loss_curve_, "metadata": metadata or {}}
+    (directory / "head.json").write_text(json.dumps(config, indent=2))
 
 
 def _edit_json(directory, **changes):
@@ -310,9 +335,10 @@ def test_segment_cli_fit_and_predict(tmp_path):
                              "--labels", str(tmp_path / "y.npy"), "--nodes", "up.0", "up.1", "--timesteps", "5", "50",
                              "--members", "2", "--epochs", "2", "--out", str(tmp_path / "head")])
     assert fit.func(fit) == 0
-    assert (tmp_path / "head" / "head.safetensors").is_file()
-    config = json.loads((tmp_path / "head" / "head.json").read_text())
-    assert config["metadata"]["nodes"] == ["up.0", "up.1"] and config["metadata"]["timesteps"] == [5, 50]
+    assert (tmp_path / "head" / "state.safetensors").is_file()
+    config = json.loads((tmp_path / "head" / "config.json").read_text())
+    metadata = config["fitted"]["metadata_"]
+    assert metadata["nodes"] == ["up.0", "up.1"] and metadata["timesteps"] == [5, 50]
     pred = parser.parse_args(["segment", "predict", str(tmp_path / "head"), "--images", str(tmp_path / "x.npy"),
                               "--out", str(tmp_path / "pred.npy"), "--uncertainty", str(tmp_path / "unc.npy")])
     assert pred.func(pred) == 0
@@ -343,10 +369,11 @@ def test_segment_cli_ignore_index_and_overwrite(tmp_path, capsys):
            str(tmp_path / "y.npy"), "--nodes", "up.1", "--timesteps", "5", "--members", "2", "--epochs", "1",
            "--ignore-index", "255", "--out", str(tmp_path / "head")]
     assert main(fit) == 0
-    config = json.loads((tmp_path / "head" / "head.json").read_text())
-    assert config["num_classes"] == 2 and config["params"]["ignore_index"] == 255
-    assert sum(config["class_pixel_counts"]) == int((labels != 255).sum())
-    assert main(fit) == 2 and "already holds head.json" in capsys.readouterr().err
+    config = json.loads((tmp_path / "head" / "config.json").read_text())
+    head = PixelClassifier.load(tmp_path / "head")
+    assert len(head.classes_) == 2 and config["params"]["ignore_index"] == 255
+    assert head.class_pixel_counts_.sum() == int((labels != 255).sum())
+    assert main(fit) == 2 and "already holds config.json" in capsys.readouterr().err
     assert main(fit + ["--overwrite"]) == 0
     predict = ["segment", "predict", str(tmp_path / "head"), "--images", str(tmp_path / "x.npy"),
                "--out", str(tmp_path / "pred.npy")]
