@@ -65,21 +65,37 @@ def save_fitted(obj: Any, directory: str | os.PathLike, *, backbone_source: str 
     :func:`load_fitted` can load it again (without it, pass the backbone to ``load_fitted``).
     Raises NotFittedError for an unfitted object and ValueError naming a parameter that cannot be saved.
     """
+    from safetensors.torch import save_file
+
     entries: list[_Entry] = []
     _encode(obj, "", backbone_source, entries)
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"save_fitted: expected a folder to write {CONFIG_NAME} + {STATE_NAME} into, "
-                         f"got the existing file {directory}")
+    for entry in entries:
+        _check_target(directory / entry.folder if entry.folder else directory)
     for entry in reversed(entries):  # nested objects first, the top-level config last
         folder = directory / entry.folder if entry.folder else directory
         folder.mkdir(parents=True, exist_ok=True)
-        from safetensors.torch import save_file
-
         with atomic_path(folder / STATE_NAME) as tmp:
             save_file(entry.tensors, tmp, metadata={"format": FORMAT})
         atomic_write_bytes(folder / CONFIG_NAME, (json.dumps(entry.config, indent=2) + "\n").encode())
     return directory
+
+
+def _check_target(folder: Path) -> None:
+    """Refuse a target that is a file, or a folder whose ``config.json`` is not one of ours (a backbone
+    checkpoint, an earlier-format head): saving must not overwrite another kind of file."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"save_fitted: expected a folder to write {CONFIG_NAME} + {STATE_NAME} into, "
+                         f"got the existing file {folder}")
+    config = folder / CONFIG_NAME
+    if config.exists():
+        try:
+            kind = json.loads(config.read_text(encoding="utf-8")).get("format")
+        except (ValueError, AttributeError):
+            kind = "unreadable"
+        if kind != FORMAT:
+            raise ValueError(f"save_fitted: {config} exists and is not a saved head or scorer (format {kind!r}, "
+                             f"expected {FORMAT!r}); choose another folder")
 
 
 def _encode(obj: Any, folder: str, backbone_source: str | None, entries: list[_Entry]) -> None:
@@ -197,7 +213,9 @@ def load_fitted(directory: str | os.PathLike, *, backbone: Any = None, expected:
     its identity must equal the recorded one. ``expected``: the class the caller wants (another class
     is refused). ``params``: ``__init__`` parameters to override (e.g. ``{"device": "cuda"}``).
     """
-    if backbone is not None and not hasattr(backbone, "unet"):
+    from .backbones.backbone import Backbone
+
+    if backbone is not None and not isinstance(backbone, Backbone):
         from .backbones.zoo import load_backbone
 
         backbone = load_backbone(backbone)

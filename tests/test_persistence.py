@@ -214,6 +214,12 @@ def test_refusals_write_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"expected one of \[.*\], got a builtins\.dict"):
         save_fitted({}, tmp_path / "e")
     assert list(tmp_path.iterdir()) == []
+    backbone.save(tmp_path / "bb")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "bb").iterdir()}
+    with pytest.raises(ValueError, match=r"bb/config\.json exists and is not a saved head or scorer \(format "
+                                         r"'diffrep-backbone', expected 'diffrep-fitted'\)"):
+        save_fitted(probe.set_params(class_weight=None).fit(np.eye(4, dtype=np.float32), [0, 1, 0, 1]), tmp_path / "bb")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "bb").iterdir()} == before
 
 
 def test_loading_asks_for_the_class_it_gets(tmp_path):
