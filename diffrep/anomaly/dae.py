@@ -11,7 +11,6 @@ slice). The reference recipe post-processes with an eroded brain mask and a 5 x 
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -24,8 +23,6 @@ from ..errors import as_float_images
 from .base import AnomalyScorer, check_positive_int
 from .postprocess import check_masks
 
-FORMAT = "diffrep-dae"
-FORMAT_VERSION = 1
 Augment = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -187,9 +184,9 @@ class DAEScorer(AnomalyScorer):
     def load(cls, directory: str | os.PathLike, backbone: Any = None, device: str = "cpu", **params: Any) -> "DAEScorer":
         """A trained DAEScorer saved by :meth:`save` (no pickle), or by diffrep's earlier DAE format
         (``config.json`` of format ``diffrep-dae`` + ``model.safetensors``)."""
-        from .._legacy_formats import load_legacy_dae
+        from .._legacy_formats import LEGACY_DAE_FORMAT, load_legacy_dae
         from ..persistence import load_fitted, read_config
 
-        if read_config(directory).get("format") == FORMAT:
+        if read_config(directory).get("format") == LEGACY_DAE_FORMAT:
             return load_legacy_dae(cls, Path(directory), device)
         return load_fitted(directory, backbone=backbone, expected=cls, params={"device": device, **params})
