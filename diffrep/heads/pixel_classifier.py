@@ -16,7 +16,6 @@ pixels, cross-entropy, and predict by majority vote. Differences here, all delib
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -370,8 +369,3 @@ def combine_members(probs: torch.Tensor, vote: str = "majority") -> tuple[torch.
     frac = votes / k
     entropy = -(frac * torch.log(frac.clamp_min(1e-12))).sum(dim=-1)
     return labels, mean_prob, entropy.clamp_min(0.0)
-
-
-def vote_entropy_max(n_members: int, num_classes: int) -> float:
-    """The largest possible vote entropy (nats), to normalise uncertainty maps to [0, 1]."""
-    return math.log(min(n_members, num_classes))
