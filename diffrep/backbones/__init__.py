@@ -1,4 +1,10 @@
-"""U-Net backbones: the MONAI adapter, checkpoint I/O and the shipped defaults."""
+"""U-Net backbones: a denoising U-Net with its noise schedule, normalisation and named feature nodes.
+
+Lives here: the Backbone (MONAI DiffusionModelUNet, 2D/3D) and its node table, the diffusers
+UNet2DModel adapter, MONAI state-dict import, checkpoint I/O (config.json + model.safetensors) and the
+zoo of shipped defaults. May import only the shared helpers (_atomic, _types, config, diffusion,
+errors); everything else in diffrep may import it.
+"""
 from .backbone import Backbone, build_unet
 from .checkpoint import CheckpointError, load_checkpoint, save_backbone
 from .diffusers_import import DiffusersUNet, load_diffusers_unet

@@ -1,4 +1,7 @@
-"""Data loaders: Fashion-MNIST from local IDX files and MNI152 / NIfTI brain slices."""
+"""Data loaders: Fashion-MNIST from local IDX files, MNI152 / NIfTI brain slices, synthetic lesions,
+augmentation. May import only the shared helpers (errors); imported by training, anomaly, the CLI and
+the benchmarks.
+"""
 from .augment import augment_batch, brain_augmentation
 from .brain import (LABEL_NAMES, MNI152_FILES, NUM_CLASSES, SPLITS, BrainSlices, check_labels, find_mni152,
                     load_brain_slices, load_brain_split, load_volume)

@@ -1,4 +1,9 @@
-"""Feature extraction: node hooks, noise policies, the extractor and aggregation helpers."""
+"""Feature extraction: node hooks, noise policies, the extractor, aggregation and on-disk stores.
+
+Lives here: FeatureExtractor (noise to t, run the U-Net, read named nodes), pooling and upsampling,
+pooled-feature caches, pixel-descriptor stores, streaming to safetensors and image reading. May import
+backbones and the shared helpers; imported by heads, anomaly, the pipelines, the CLI and benchmarks.
+"""
 from .aggregate import pool, upsample_concat
 from .extractor import FeatureDict, FeatureExtractor
 from .noise_policy import NoisePolicy
