@@ -37,7 +37,7 @@ from diffrep.backbones import Backbone  # noqa: E402
 from diffrep.data.fashion_mnist import load_fashion_mnist, to_tensor_images  # noqa: E402
 from diffrep.features.cache import DEFAULT_CACHE_DIR, backbone_identity  # noqa: E402
 from diffrep.heads import LinearProbe, key_name, sample_per_class, stack_features  # noqa: E402
-from diffrep.probe_cli import DEFAULT_TIMESTEPS, ProbeRun, load_probe_dataset, run_probe  # noqa: E402
+from diffrep.pipelines.probe import DEFAULT_TIMESTEPS, ProbeRun, load_probe_dataset, run_probe  # noqa: E402
 
 ANCHORS = {  # published Fashion-MNIST test accuracies to read our numbers against (not measured here)
     "logistic regression, raw pixels": 0.84,

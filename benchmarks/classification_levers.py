@@ -21,7 +21,7 @@ from common import RESULTS_DIR, Stopwatch, finish_metadata, run_metadata, write_
 
 from diffrep import FeatureExtractor, load_backbone, pool  # noqa: E402
 from diffrep.heads import LinearProbe  # noqa: E402
-from diffrep.probe_cli import load_probe_dataset  # noqa: E402
+from diffrep.pipelines.probe import load_probe_dataset  # noqa: E402
 
 
 def main() -> dict:

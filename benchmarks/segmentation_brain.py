@@ -48,12 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, Stopwatch, finish_metadata, mean_std, run_metadata, write_json  # noqa: E402
 from memory import PeakMeter, report, run_measured  # noqa: E402
 
-from diffrep import FeatureExtractor, FeatureKey, load_backbone, upsample_concat  # noqa: E402
+from diffrep import FeatureKey, load_backbone, upsample_concat  # noqa: E402
 from diffrep.backbones import Backbone, BackboneConfig  # noqa: E402
 from diffrep.data.augment import augment_batch, brain_augmentation  # noqa: E402
 from diffrep.data.brain import LABEL_NAMES, NUM_CLASSES, BrainSlices, load_brain_split  # noqa: E402
-from diffrep.features.pixel_store import ArrayPixels, backbone_digest, build_pixel_store  # noqa: E402
+from diffrep.features.pixel_store import ArrayPixels, backbone_digest  # noqa: E402
 from diffrep.heads import PixelClassifier, segmentation_metrics  # noqa: E402
+from diffrep.pipelines.segmentation import extract_pixel_store, pixel_extractor  # noqa: E402
 
 NODE_SETS = {
     "decoder5": ["mid", "up.0", "up.1", "up.2", "up.3"],  # the paper reads five decoder blocks
@@ -157,10 +158,9 @@ def augmented(data: BrainSlices, copies: int, seed: int) -> BrainSlices:
 
 def pixel_store(backbone: Backbone, nodes: list[str], timesteps: list[int], images: np.ndarray, labels: np.ndarray,
                 args: argparse.Namespace, root: str | Path | None = None):
-    extractor = FeatureExtractor(backbone, nodes, timesteps, noise="shared", seed=args.seed,
-                                 batch_size=8 * len(timesteps), dtype=torch.float16)
-    return build_pixel_store(root or args.cache_dir, extractor, torch.from_numpy(images), torch.from_numpy(labels),
-                             num_classes=NUM_CLASSES, batch_size=8)
+    """The pixel descriptors of ``diffrep segment fit`` (the library's extract_pixel_store), shared noise."""
+    return extract_pixel_store(root or args.cache_dir, backbone, nodes, timesteps, torch.from_numpy(images),
+                               torch.from_numpy(labels), noise="shared", seed=args.seed, num_classes=NUM_CLASSES)
 
 
 def trivial_descriptors(images: np.ndarray) -> torch.Tensor:
@@ -242,7 +242,7 @@ def run_pipeline(mode: str, backbone: Backbone, nodes: list[str], ts: list[int],
     keys = [FeatureKey(n, t) for n in nodes for t in ts]
     size = tuple(train.images.shape[2:])
     # node maps in float16 as in the diffrep pipeline, so both train on identical pixel values
-    extractor = FeatureExtractor(backbone, nodes, ts, seed=args.seed, batch_size=8 * len(ts), dtype=torch.float16)
+    extractor = pixel_extractor(backbone, nodes, ts, seed=args.seed)
     d = sum(extractor.feature_info[k.node].channels for k in keys)
     x = torch.zeros(len(train), d, *size)  # X = torch.zeros(N, d, H, W), float32
     for sl, feats in extractor.iter_batches(torch.from_numpy(train.images)):

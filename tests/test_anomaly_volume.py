@@ -7,7 +7,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from diffrep.anomaly import AnomalyScorer, ReconstructionScorer, add_anomaly_cli, score_volume
+from diffrep.anomaly import AnomalyScorer, ReconstructionScorer, score_volume
+from diffrep.cli.anomaly import add_anomaly_cli
 from diffrep.errors import as_float_images
 from tests.conftest import make_backbone
 from tests.test_anomaly_scorers import live_backbone

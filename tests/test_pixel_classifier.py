@@ -319,7 +319,7 @@ def test_training_memory_does_not_grow_with_the_number_of_images(tmp_path):
 def test_segment_cli_fit_and_predict(tmp_path):
     import argparse
 
-    from diffrep.segment_cli import add_segment_cli
+    from diffrep.cli.segment import add_segment_cli
 
     from .conftest import make_backbone, make_images
 
@@ -350,6 +350,43 @@ def test_segment_cli_fit_and_predict(tmp_path):
                              "--out", str(tmp_path / "h2")])
     with pytest.raises(TypeError, match="expected an integer label map"):
         bad.func(bad)
+
+
+def test_segmentation_pipeline_is_what_the_cli_runs(tmp_path):
+    """fit_segmentation_head + predict_segmentation (the library calls behind `segment fit|predict` and the brain
+    benchmark) give the CLI's label maps bit for bit, and the saved metadata is enough to predict again."""
+    import torch
+
+    from diffrep.cli import main
+    from diffrep.pipelines.segmentation import fit_segmentation_head, load_segmentation_head, predict_segmentation
+
+    from .conftest import make_backbone, make_images
+
+    backbone = make_backbone("2d-2level")
+    backbone.save(tmp_path / "bb")
+    images = make_images(backbone, n=3, size=16)
+    labels = (images[:, 0] > 0.5).long()
+    np.save(tmp_path / "x.npy", images.numpy())
+    np.save(tmp_path / "y.npy", labels.numpy())
+    assert main(["segment", "fit", str(tmp_path / "bb"), "--images", str(tmp_path / "x.npy"), "--labels",
+                 str(tmp_path / "y.npy"), "--nodes", "up.0", "up.1", "--timesteps", "5", "50", "--members", "2",
+                 "--epochs", "2", "--seed", "3", "--out", str(tmp_path / "cli-head")]) == 0
+    assert main(["segment", "predict", str(tmp_path / "cli-head"), "--images", str(tmp_path / "x.npy"),
+                 "--out", str(tmp_path / "cli.npy")]) == 0
+    clf, store, metadata = fit_segmentation_head(backbone, images, labels, tmp_path / "store", nodes=["up.0", "up.1"],
+                                                 timesteps=[5, 50], num_classes=2, seed=3, members=2, epochs=2,
+                                                 backbone_name=str(tmp_path / "bb"))
+    assert len(store) == 3 and metadata["nodes"] == ["up.0", "up.1"] and metadata["seed"] == 3
+    clf.save(tmp_path / "lib-head", metadata=metadata)
+    loaded, loaded_backbone = load_segmentation_head(tmp_path / "lib-head")
+    pred, unc = predict_segmentation(loaded, loaded_backbone, images, images_per_batch=2)
+    np.testing.assert_array_equal(pred, np.load(tmp_path / "cli.npy"))
+    assert pred.shape == unc.shape == (3, 16, 16)
+    with torch.no_grad():
+        next(loaded_backbone.unet.parameters()).view(-1)[0] += 1.0
+    loaded_backbone.save(tmp_path / "other")
+    with pytest.raises(ValueError, match="backbone: expected weights with digest"):
+        load_segmentation_head(tmp_path / "lib-head", str(tmp_path / "other"))
 
 
 def test_segment_cli_ignore_index_and_overwrite(tmp_path, capsys):

@@ -211,7 +211,7 @@ def test_cache_bad_input(tmp_path, tiny):
 
 # --------------------------------------------------------------------------------------- probe run
 def test_run_probe_end_to_end_and_labels_per_class(tmp_path):
-    from diffrep.probe_cli import run_probe
+    from diffrep.pipelines.probe import run_probe
 
     backbone = make_backbone("2d-2level")
     gen = torch.Generator().manual_seed(0)
@@ -260,7 +260,7 @@ def tiny_dir(tmp_path):
 def test_probe_cli_writes_report(tmp_path, tiny_dir, capsys):
     import argparse
 
-    from diffrep.probe_cli import add_probe_cli
+    from diffrep.cli.probe import add_probe_cli
 
     parser = argparse.ArgumentParser()
     add_probe_cli(parser.add_subparsers(dest="command"))
@@ -275,6 +275,32 @@ def test_probe_cli_writes_report(tmp_path, tiny_dir, capsys):
     assert {row["dim"] for row in report["selection_table"] if row["kind"] == "single"} == {64}
     assert report["n_train"] == 40 and report["n_test"] == 30 and report["data"]["dataset"] == "fashion-mnist"
     assert "chosen single" in capsys.readouterr().out
+
+
+def test_probe_cli_defaults_come_from_the_pipeline(tmp_path, tiny_dir, monkeypatch, capsys):
+    """Without --timesteps and --cache-dir the command searches DEFAULT_TIMESTEPS and caches in DEFAULT_CACHE_DIR
+    (the parser leaves them None so that building it needs no torch); the report is written (synthetic data)."""
+    import diffrep.pipelines.probe as pipeline
+    from diffrep.cli import main
+    from diffrep.features.cache import DEFAULT_CACHE_DIR
+
+    def fake_dataset(name, backbone, limit_train=None, limit_test=None):
+        size = pipeline.probe_image_size(name, backbone)
+        gen = torch.Generator().manual_seed(0)
+        y, yt = np.repeat(np.arange(2), 12), np.repeat(np.arange(2), 4)
+        x, xt = (torch.rand((len(v), 1, size, size), generator=gen) * 0.5
+                 + 0.5 * torch.from_numpy(v).float().view(-1, 1, 1, 1) for v in (y, yt))  # in [0, 1], by class
+        return x, y, xt, yt, {"dataset": "synthetic", "n_train": 24, "n_test": 8}
+
+    monkeypatch.setattr(pipeline, "load_probe_dataset", fake_dataset)
+    monkeypatch.chdir(tmp_path)
+    argv = ["probe", "--backbone", str(tiny_dir), "--dataset", "fmnist", "--nodes", "mid", "--no-concat",
+            "--val-fraction", "0.25", "--quiet", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "out" / "probe_fmnist.json").read_text())
+    assert report["grid"]["timesteps"] == list(pipeline.DEFAULT_TIMESTEPS) and report["data"]["dataset"] == "synthetic"
+    assert (tmp_path / DEFAULT_CACHE_DIR).is_dir() and any((tmp_path / DEFAULT_CACHE_DIR).iterdir())
+    assert "chosen single: mid@" in capsys.readouterr().out
 
 
 @needs_fmnist

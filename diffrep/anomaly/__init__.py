@@ -12,10 +12,10 @@ from .ensemble import MultiLevelScorer
 from .feature_distance import FeatureDistanceScorer
 from .postprocess import check_masks, erode_masks, image_scores, median_filter_maps, postprocess_maps
 from .reconstruction import ReconstructionScorer
-from .volume import add_anomaly_cli, score_volume
+from .volume import score_volume
 
 __all__ = [
     "AnomalyScorer", "CalibratedScorer", "DAEScorer", "FeatureDistanceScorer", "MultiLevelScorer", "ReconstructionScorer",
-    "add_anomaly_cli", "brain_augment", "check_masks", "erode_masks", "image_scores", "median_filter_maps", "postprocess_maps",
+    "brain_augment", "check_masks", "erode_masks", "image_scores", "median_filter_maps", "postprocess_maps",
     "score_volume",
 ]

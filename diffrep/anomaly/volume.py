@@ -8,7 +8,6 @@ reoriented to the input's voxel order, so the output has the input's shape, affi
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Any
@@ -189,67 +188,3 @@ def _write_map(out: np.ndarray, img: Any, out_path: Path) -> Path:
         if tmp.exists():
             tmp.unlink()
     return out_path
-
-
-# ------------------------------------------------------------------------------ CLI
-def _cmd_anomaly_score(args: argparse.Namespace) -> int:
-    from ..backbones import load_backbone
-    from ..devices import resolve_device
-    from .reconstruction import ReconstructionScorer
-
-    device = resolve_device(args.device)  # refusals first: nothing heavy is loaded for a bad device or --out
-    check_volume_paths(args.input, args.out, args.mask, overwrite=args.overwrite, option="--out")
-    backbone = load_backbone(args.backbone, device=device)
-    if backbone.in_channels != 1:
-        raise ValueError(f"--backbone {args.backbone}: expected a 1-channel backbone for NIfTI volumes, got "
-                         f"{backbone.in_channels} input channels")
-    size = args.size or int(backbone.config.provenance.get("data", {}).get("size", 64))
-    multiple = backbone.config.unet.size_multiple
-    if size < 8 or size % multiple:
-        raise ValueError(f"--size: expected a slice size >= 8 divisible by {multiple} (what the {backbone.config.unet.levels}-"
-                         f"level U-Net of {args.backbone} takes), got {size}")
-    scorer = ReconstructionScorer(backbone, noise_level=args.noise_level, noise=args.noise, reverse=args.reverse,
-                                  ddim_steps=args.steps, residual=args.residual, erode=args.erode,
-                                  median=args.median, seed=args.seed, batch_size=args.batch_size)
-    calls = scorer.unet_calls_per_image
-    out = score_volume(scorer, args.input, args.out, mask_path=args.mask, size=size, batch_size=args.batch_size,
-                       progress=not args.quiet, overwrite=args.overwrite)
-    print(f"wrote anomaly map to {out} (reverse={args.reverse}, L={args.noise_level}, "
-          f"noise level {backbone.noise_level(args.noise_level):.3f}, {calls} U-Net call(s) per slice, size {size})")
-    return 0
-
-
-def add_anomaly_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``anomaly score`` on an argparse subparsers object; returns the ``anomaly`` parser.
-
-    ``diffrep anomaly score --backbone NAME_OR_DIR INPUT.nii.gz --out MAP.nii.gz [--mask MASK.nii.gz]
-    [--noise-level L] [--reverse x0|ddim|ddpm] [--noise gaussian|simplex] [--steps k] [--overwrite]``
-
-    An existing --out is refused unless --overwrite is given (a map is cheap to recompute, a lost
-    file is not); --out can never be the input scan or the mask, whatever the flags.
-    """
-    from .reconstruction import NOISE_KINDS, RESIDUALS, REVERSE_MODES
-
-    anomaly = subparsers.add_parser("anomaly", help="reconstruction-based anomaly maps for NIfTI volumes")
-    commands = anomaly.add_subparsers(dest="anomaly_command", required=True)
-    p = commands.add_parser("score", help="score a 3D NIfTI slice by slice; write an anomaly-map NIfTI")
-    p.add_argument("input", help="3D NIfTI volume (.nii/.nii.gz)")
-    p.add_argument("--backbone", required=True, help="checkpoint directory or shipped default name")
-    p.add_argument("--out", required=True, help="output anomaly map (.nii/.nii.gz), same grid as the input; never the "
-                   "input or the mask, and not an existing file unless --overwrite")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--mask", default=None, help="brain mask on the input's grid (default: derived by Otsu)")
-    p.add_argument("--noise-level", type=int, default=250, help="timestep L the input is noised to")
-    p.add_argument("--reverse", choices=REVERSE_MODES, default="x0")
-    p.add_argument("--noise", choices=NOISE_KINDS, default="gaussian")
-    p.add_argument("--steps", type=int, default=5, help="DDIM steps k (--reverse ddim)")
-    p.add_argument("--residual", choices=RESIDUALS, default="l1")
-    p.add_argument("--erode", type=int, default=0, help="brain-mask erosion in pixels")
-    p.add_argument("--median", type=int, default=0, help="median filter size (0 = none)")
-    p.add_argument("--size", type=int, default=None, help="slice size (default: the backbone's training size, else 64)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps; refused if absent on this machine")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_anomaly_score)
-    return anomaly

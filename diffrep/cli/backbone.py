@@ -1,15 +1,14 @@
-"""The ``diffrep`` command: thin wrappers over library calls."""
+"""``diffrep nodes``, ``extract``, ``zoo`` and ``import-monai``: the commands about a backbone itself."""
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 
 def _cmd_nodes(args: argparse.Namespace) -> int:
-    from .backbones import load_backbone
+    from ..backbones import load_backbone
 
     backbone = load_backbone(args.checkpoint)
     infos = backbone.feature_info()
@@ -25,9 +24,9 @@ def _cmd_nodes(args: argparse.Namespace) -> int:
 def _cmd_extract(args: argparse.Namespace) -> int:
     import warnings
 
-    from .backbones import load_backbone
-    from .backbones.backbone import ImageSizeWarning
-    from .features.io import extract_to_file, read_images
+    from ..backbones import load_backbone
+    from ..backbones.backbone import ImageSizeWarning
+    from ..features.io import extract_to_file, read_images
 
     backbone = load_backbone(args.checkpoint)
     with warnings.catch_warnings():
@@ -41,18 +40,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from .training import load_train_config, train
-
-    config = load_train_config(args.config)
-    out = Path(args.out) if args.out else Path("runs") / config.name
-    export = train(config, out, resume=args.resume, max_steps=args.max_steps, num_threads=args.threads)
-    print(f"backbone written to {export}")
-    return 0
-
-
 def _cmd_zoo(args: argparse.Namespace) -> int:
-    from .backbones import zoo_entries
+    from ..backbones import zoo_entries
 
     entries = zoo_entries()
     if args.json:
@@ -70,8 +59,8 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_monai(args: argparse.Namespace) -> int:
-    from .backbones import import_monai_state_dict, save_backbone
-    from .config import load_yaml
+    from ..backbones import import_monai_state_dict, save_backbone
+    from ..config import load_yaml
 
     backbone = import_monai_state_dict(args.state_dict, load_yaml(args.arch))
     out = save_backbone(backbone, args.out)
@@ -79,23 +68,18 @@ def _cmd_import_monai(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import print_summary, run_demo
-
-    print_summary(run_demo(args.out))
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffrep", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("nodes", help="list a backbone's feature nodes")
+def add_nodes_cli(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``diffrep nodes`` on an ``add_subparsers()`` object."""
+    p = subparsers.add_parser("nodes", help="list a backbone's feature nodes")
     p.add_argument("checkpoint", help="checkpoint directory or shipped default name")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_nodes)
+    return p
 
-    p = sub.add_parser("extract", help="extract features of images (.npy or an image folder) to a .safetensors file")
+
+def add_extract_cli(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``diffrep extract`` on an ``add_subparsers()`` object."""
+    p = subparsers.add_parser("extract", help="extract features of images (.npy or an image folder) to a .safetensors file")
     p.add_argument("checkpoint")
     p.add_argument("input", help=".npy array (N,C,H,W)/(N,H,W) or a folder of PNG/JPEG/TIFF files (8/16-bit, grey or RGB)")
     p.add_argument("--nodes", nargs="+", required=True)
@@ -107,48 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-other-size", action="store_true",
                    help="extract from images of another size than the backbone was trained on (refused by default)")
     p.set_defaults(func=_cmd_extract)
+    return p
 
-    p = sub.add_parser("train", help="train a DDPM from a recipe (works under torchrun)")
-    p.add_argument("--config", required=True)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out (needed when --out already holds one)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop at this global step (the LR schedule stays the recipe's)")
-    p.add_argument("--out", default=None, help="run directory (default runs/NAME)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("import-monai", help="turn a MONAI DiffusionModelUNet state dict into a diffrep checkpoint")
+def add_import_monai_cli(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``diffrep import-monai`` on an ``add_subparsers()`` object."""
+    p = subparsers.add_parser("import-monai", help="turn a MONAI DiffusionModelUNet state dict into a diffrep checkpoint")
     p.add_argument("state_dict", help="file written by torch.save(unet.state_dict(), path)")
     p.add_argument("--arch", required=True, help="YAML with unet: (DiffusionModelUNet args), optional schedule:, normalisation:")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.set_defaults(func=_cmd_import_monai)
+    return p
 
-    p = sub.add_parser("demo", help="features of held-out brain MRI slices from the shipped default")
-    p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
-    p.set_defaults(func=_cmd_demo)
 
-    from .anomaly.volume import add_anomaly_cli
-    from .probe_cli import add_probe_cli
-    from .segment_cli import add_segment_cli
-
-    add_anomaly_cli(sub)
-    add_probe_cli(sub)
-    add_segment_cli(sub)
-
-    p = sub.add_parser("zoo", help="list the shipped pretrained defaults")
+def add_zoo_cli(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``diffrep zoo`` on an ``add_subparsers()`` object."""
+    p = subparsers.add_parser("zoo", help="list the shipped pretrained defaults")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_zoo)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, TypeError, OSError) as err:  # bad input: a message, exit 2 (OSError: unreadable/missing files)
-        print(f"diffrep {args.command}: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return p

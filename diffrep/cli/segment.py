@@ -1,38 +1,28 @@
-"""``diffrep segment fit|predict``: label-efficient segmentation (Baranchuk et al., ICLR 2022) from the shell.
+"""``diffrep segment fit|predict``: label-efficient segmentation (library: :mod:`diffrep.pipelines.segmentation`).
 
-fit: images (.npy) + label maps (.npy) -> pixel descriptors streamed to an on-disk PixelStore ->
-PixelClassifier trained within a pixel budget -> ``OUT/head.safetensors`` + ``OUT/head.json``
-(the JSON records backbone, nodes, timesteps, noise and seed, so predict needs no repeated flags).
+fit: images (.npy) + label maps (.npy) -> ``OUT/head.safetensors`` + ``OUT/head.json`` (the JSON
+records backbone, nodes, timesteps, noise and seed, so predict needs no repeated flags).
 predict: head directory + images -> label maps (.npy), optionally the uncertainty maps.
 Neither command replaces what it would write over (a fitted head, an existing .npy) without
 ``--overwrite``, and no output may be one of the inputs.
-Wire into the main parser with ``add_segment_cli(subparsers)``.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
-DEFAULT_TIMESTEPS = (50, 150, 250)
+def _save_npy(path: str | os.PathLike, array: Any) -> Path:
+    """Write ``array`` to ``path`` (.npy) atomically."""
+    import numpy as np
 
+    from .._atomic import atomic_path
 
-def _save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npy")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".tmp.npy") as tmp:
         np.save(tmp, array)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -42,8 +32,10 @@ def _threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(int(args.threads))
 
 
-def _load_labels(path: str) -> np.ndarray:
+def _load_labels(path: str) -> Any:
     """The --labels array; a wrong suffix, a missing or an unreadable file is refused naming it."""
+    import numpy as np
+
     if not str(path).endswith(".npy"):
         raise ValueError(f"--labels: expected a .npy file of label maps (N, H, W), got {path}")
     if not Path(path).is_file():
@@ -57,7 +49,7 @@ def _load_labels(path: str) -> np.ndarray:
 
 def _check_head_folder(out: Path, overwrite: bool) -> None:
     """Refuse an --out that is a file, or a folder already holding a fitted head (unless ``overwrite``)."""
-    from .heads.pixel_classifier import HEAD_CONFIG, HEAD_WEIGHTS
+    from ..heads.pixel_classifier import HEAD_CONFIG, HEAD_WEIGHTS
 
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: expected a folder for {HEAD_WEIGHTS} + {HEAD_CONFIG}, got an existing file")
@@ -68,16 +60,15 @@ def _check_head_folder(out: Path, overwrite: bool) -> None:
 
 
 def _cmd_segment_fit(args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
-    from .backbones import load_backbone
-    from .features import FeatureExtractor
-    from .features.io import read_images
-    from .features.pixel_store import backbone_digest, build_pixel_store, check_pixel_labels
-    from .heads import PixelClassifier
-    from .heads.label_maps import check_label_classes
+    from ..backbones import load_backbone
+    from ..features.io import read_images
+    from ..features.pixel_store import check_pixel_labels
+    from ..heads.label_maps import check_label_classes
+    from ..pipelines.segmentation import DEFAULT_TIMESTEPS, fit_segmentation_head
 
+    args.timesteps = list(DEFAULT_TIMESTEPS) if args.timesteps is None else args.timesteps
     _threads(args)
     out = Path(args.out)
     _check_head_folder(out, args.overwrite)
@@ -89,18 +80,12 @@ def _cmd_segment_fit(args: argparse.Namespace) -> int:
                                 name=name)
     num_classes = check_label_classes(labels, args.num_classes, args.ignore_index, name=name,
                                       num_option="--num-classes", ignore_option="--ignore-index")
-    extractor = FeatureExtractor(backbone, args.nodes, args.timesteps, noise=args.noise, seed=args.seed,
-                                 batch_size=args.extract_batch * len(args.timesteps), dtype=torch.float16)
-    store_root = Path(args.store) if args.store else out / "features"
-    store = build_pixel_store(store_root, extractor, images, labels, batch_size=args.extract_batch,
-                              progress=lambda it: tqdm(it, desc="features", unit="batch"))
-    clf = PixelClassifier(num_classes=num_classes, n_members=args.members, epochs=args.epochs,
-                          batch_size=args.batch_size, lr=args.lr, max_pixels_in_memory=args.max_pixels,
-                          vote=args.vote, ignore_index=args.ignore_index, random_state=args.seed).fit(store)
-    metadata = {"backbone": str(args.backbone), "backbone_digest": backbone_digest(backbone),
-                "nodes": list(extractor.nodes), "timesteps": list(extractor.timesteps), "noise": str(extractor.noise),
-                "seed": extractor.seed, "image_shape": list(images.shape[2:]), "store": str(store.path),
-                "noise_levels": {str(t): backbone.noise_level(t) for t in extractor.timesteps}}
+    clf, store, metadata = fit_segmentation_head(
+        backbone, images, labels, Path(args.store) if args.store else out / "features", nodes=args.nodes,
+        timesteps=args.timesteps, num_classes=num_classes, noise=args.noise, seed=args.seed,
+        ignore_index=args.ignore_index, members=args.members, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, max_pixels=args.max_pixels, vote=args.vote, images_per_batch=args.extract_batch,
+        backbone_name=str(args.backbone), progress=lambda it: tqdm(it, desc="features", unit="batch"))
     clf.save(out, metadata=metadata)
     print(f"fitted {args.members} pixel MLPs ({num_classes} classes) on {len(store)} image(s) "
           f"({int(clf.class_pixel_counts_.sum())} labelled pixels, {clf.sample_pixels_} per epoch); head in {out}")
@@ -110,8 +95,8 @@ def _cmd_segment_fit(args: argparse.Namespace) -> int:
 def _check_predict_outputs(args: argparse.Namespace) -> None:
     """Refuse --out/--uncertainty that is an input (the images, the head's files) or each other, or that
     exists already (unless --overwrite), before anything is loaded."""
-    from .heads.pixel_classifier import HEAD_CONFIG, HEAD_WEIGHTS
-    from .outputs import check_output_file
+    from ..heads.pixel_classifier import HEAD_CONFIG, HEAD_WEIGHTS
+    from ..outputs import check_output_file
 
     inputs = {"input images": args.images, "head config": Path(args.head) / HEAD_CONFIG,
               "head weights": Path(args.head) / HEAD_WEIGHTS}
@@ -121,40 +106,17 @@ def _check_predict_outputs(args: argparse.Namespace) -> None:
 
 
 def _cmd_segment_predict(args: argparse.Namespace) -> int:
-    import torch
-
-    from ._types import FeatureKey
-    from .backbones import load_backbone
-    from .features import FeatureExtractor, upsample_concat
-    from .features.io import read_images
-    from .features.pixel_store import backbone_digest
-    from .heads import PixelClassifier
+    from ..features.io import read_images
+    from ..pipelines.segmentation import load_segmentation_head, predict_segmentation
 
     _threads(args)
     _check_predict_outputs(args)
-    clf = PixelClassifier.load(args.head)
-    meta = clf.metadata_
-    missing = [k for k in ("backbone", "nodes", "timesteps", "noise", "seed") if k not in meta]
-    if missing:
-        raise ValueError(f"{args.head}: expected a head saved by `diffrep segment fit`, its metadata lacks {missing}")
-    backbone = load_backbone(args.backbone or meta["backbone"])
-    digest = backbone_digest(backbone)
-    if meta.get("backbone_digest") and digest != meta["backbone_digest"]:
-        raise ValueError(f"backbone: expected weights with digest {meta['backbone_digest']} (the one the head was "
-                         f"fitted on), got {digest}")
+    clf, backbone = load_segmentation_head(args.head, args.backbone)
     images = backbone.check_images(read_images(args.images, backbone), name=f"--images {args.images}")
-    extractor = FeatureExtractor(backbone, meta["nodes"], meta["timesteps"], noise=meta["noise"], seed=meta["seed"],
-                                 batch_size=args.batch_size * len(meta["timesteps"]), dtype=torch.float16)
-    keys = [FeatureKey(n, t) for n in extractor.nodes for t in extractor.timesteps]
-    labels, uncertainty = [], []
-    for _, features in extractor.iter_batches(images):
-        descriptors = upsample_concat(features, tuple(images.shape[2:]), keys)
-        lab, unc = clf.predict_with_uncertainty(descriptors)
-        labels.append(lab)
-        uncertainty.append(unc)
-    out = _save_npy(args.out, np.concatenate(labels))
+    labels, uncertainty = predict_segmentation(clf, backbone, images, images_per_batch=args.batch_size)
+    out = _save_npy(args.out, labels)
     if args.uncertainty:
-        _save_npy(args.uncertainty, np.concatenate(uncertainty))
+        _save_npy(args.uncertainty, uncertainty)
     print(f"wrote label maps of {images.shape[0]} image(s) to {out}")
     return 0
 
@@ -169,7 +131,8 @@ def add_segment_cli(subparsers: Any) -> argparse.ArgumentParser:
     fit.add_argument("--images", required=True, help=".npy images (N,H,W) or (N,C,H,W), or a folder of PNGs")
     fit.add_argument("--labels", required=True, help=".npy integer label maps (N,H,W) with values 0..C-1")
     fit.add_argument("--nodes", nargs="+", required=True, help="feature nodes, e.g. mid up.0 up.1 up.2 up.3")
-    fit.add_argument("--timesteps", nargs="+", type=int, default=list(DEFAULT_TIMESTEPS))
+    fit.add_argument("--timesteps", nargs="+", type=int, default=None,
+                     help="timesteps (default: diffrep.pipelines.segmentation.DEFAULT_TIMESTEPS, 50 150 250)")
     fit.add_argument("--noise", default="shared")
     fit.add_argument("--seed", type=int, default=0, help="noise, sampling and initialisation seed")
     fit.add_argument("--num-classes", type=int, default=None,

@@ -2,7 +2,7 @@
 
 It loads ``brain-ddpm`` (or, if the package holds no default yet, a freshly initialised U-Net of
 the same recipe, and says so), extracts decoder features at three timesteps from the MNI152 test
-slices, prints a readable summary and writes the features, a JSON summary and a figure.
+slices and writes the features, a JSON summary and a figure.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .backbones import Backbone, load_backbone, zoo_names
-from .features import FeatureExtractor, upsample_concat
+from ..backbones import Backbone, load_backbone, zoo_names
+from ..features import FeatureExtractor, upsample_concat
 
 DEFAULT_NAME = "brain-ddpm"
 
@@ -23,7 +23,7 @@ def _backbone() -> tuple[Backbone, str]:
         return load_backbone(DEFAULT_NAME), f"shipped default {DEFAULT_NAME!r}"
     from importlib import resources
 
-    from .training.config import load_train_config
+    from ..training.config import load_train_config
 
     recipe = Path(str(resources.files("diffrep"))).parent / "configs" / "train" / f"{DEFAULT_NAME}.yaml"
     if not recipe.is_file():
@@ -33,9 +33,9 @@ def _backbone() -> tuple[Backbone, str]:
 
 
 def run_demo(out_dir: str | Path, timesteps: tuple[int, ...] = (50, 150, 250)) -> dict:
-    """Run the demo, write its outputs under ``out_dir`` and return the summary dict."""
-    from .data.brain import load_brain_split
-    from .features.io import save_features
+    """Run the demo (``diffrep demo``), write its outputs under ``out_dir`` and return the summary dict."""
+    from ..data.brain import load_brain_split
+    from ..features.io import save_features
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -89,14 +89,3 @@ def _figure(images: torch.Tensor, descriptors: torch.Tensor, path: Path) -> None
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def print_summary(summary: dict) -> None:
-    """Human-readable summary on stdout."""
-    print(f"diffrep demo: {summary['backbone']}")
-    print(f"  images      {summary['images']['count']} x {summary['images']['shape']} ({summary['images']['data']})")
-    print("  nodes       " + ", ".join(f"{n['name']} ({n['channels']} ch, stride {n['stride']})" for n in summary["nodes"]))
-    print("  timesteps   " + ", ".join(f"t={t['t']} (noise level {t['noise_level']})" for t in summary["timesteps"]))
-    print(f"  descriptor  {summary['pixel_descriptor_dim']} values per pixel, extracted in {summary['seconds']} s")
-    for name, path in summary["outputs"].items():
-        print(f"  {name:<11} {path}")
