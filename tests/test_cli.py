@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors import safe_open
 
 from diffrep.backbones import save_backbone
@@ -92,3 +93,14 @@ def test_zoo_lists_entries(capsys):
         assert all(0.95 < v < 1.05 for v in provenance["heldout_loss_fresh_init"].values())
         assert {"torch", "monai", "python"} <= set(provenance["versions"])
     assert entries["fmnist-ddpm-long"]["provenance"]["recipe"]["init_from"] == "runs/fmnist-ddpm/train_state.pt"
+
+
+def test_extract_float16_streams_to_one_file(checkpoint, tmp_path):
+    images = np.random.default_rng(1).random((5, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", images)
+    out = tmp_path / "f16.safetensors"
+    assert main(["extract", str(checkpoint), str(tmp_path / "x.npy"), "--nodes", "mid", "--timesteps", "10",
+                 "--batch-size", "2", "--dtype", "float16", "--out", str(out)]) == 0
+    with safe_open(str(out), "pt") as handle:
+        assert handle.get_tensor("mid@10").dtype == torch.float16 and handle.get_tensor("mid@10").shape[0] == 5
+    assert not list(tmp_path.glob("*.partial*"))

@@ -34,8 +34,11 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             warnings.simplefilter("ignore", ImageSizeWarning)
         images = backbone.check_images(read_images(args.input, backbone), name=f"input {args.input}")
         backbone.check_image_size(tuple(images.shape[2:]), refuse=not args.allow_other_size, name=f"input {args.input}")
+        import torch
+
         out = extract_to_file(backbone, images, args.nodes, args.timesteps, Path(args.out), noise=args.noise,
-                              seed=args.seed, batch_size=args.batch_size)
+                              seed=args.seed, batch_size=args.batch_size, dtype=getattr(torch, args.dtype),
+                              progress=True)
     print(f"wrote features of {images.shape[0]} image(s) to {out}")
     return 0
 
@@ -87,7 +90,9 @@ def add_extract_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--noise", default="shared")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the .safetensors file, written chunk by chunk; an interrupted run "
+                                                "leaves OUT.partial and resumes from it when rerun with the same settings")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage dtype of the features")
     p.add_argument("--allow-other-size", action="store_true",
                    help="extract from images of another size than the backbone was trained on (refused by default)")
     p.set_defaults(func=_cmd_extract)

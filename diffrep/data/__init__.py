@@ -1,6 +1,6 @@
 """Data loaders: Fashion-MNIST from local IDX files, MNI152 / NIfTI brain slices, synthetic lesions,
-augmentation. May import only the shared helpers (errors); imported by training, anomaly, the CLI and
-the benchmarks.
+augmentation. May import only the shared helpers (errors); imported by training, anomaly, the
+pipelines, the CLI and the benchmarks.
 """
 from .augment import augment_batch, brain_augmentation
 from .brain import (LABEL_NAMES, MNI152_FILES, NUM_CLASSES, SPLITS, BrainSlices, check_labels, find_mni152,
