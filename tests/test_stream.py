@@ -107,3 +107,46 @@ def test_bad_images_are_refused_before_any_file_is_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="non-empty"):
         extract_to_file(backbone, images[:0], ["mid"], [10], tmp_path / "x.safetensors")
+
+
+def test_torchrun_two_processes_write_the_same_file_and_finish_a_single_process_partial(tmp_path, monkeypatch):
+    """`torchrun --nproc_per_node=2 -m diffrep.cli extract` (gloo, one thread each): the same bytes as one
+    process; and it finishes a partial file left by a killed single-process run (resumed per chunk)."""
+    import os
+    import subprocess
+    import sys
+
+    from diffrep.backbones import save_backbone
+
+    backbone = make_backbone("2d-3level-attn")
+    save_backbone(backbone, tmp_path / "ckpt")
+    images = make_images(backbone, n=9)
+    np.save(tmp_path / "x.npy", images.numpy())
+    args = ["extract", str(tmp_path / "ckpt"), str(tmp_path / "x.npy"), "--nodes", "down.1", "mid",
+            "--timesteps", "10", "300", "--batch-size", "4"]
+    from diffrep.cli import main
+
+    assert main(args + ["--out", str(tmp_path / "one.safetensors")]) == 0
+
+    original = FeatureExtractor.__call__
+    calls = []
+
+    def dies_at_third(self, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(FeatureExtractor, "__call__", dies_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        extract_to_file(backbone, images, ["down.1", "mid"], [10, 300], tmp_path / "resumed.safetensors", batch_size=4)
+    monkeypatch.setattr(FeatureExtractor, "__call__", original)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    for name, port in (("two.safetensors", "29531"), ("resumed.safetensors", "29532")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+               "-m", "diffrep.cli", *args, "--out", str(tmp_path / name)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert (tmp_path / name).read_bytes() == (tmp_path / "one.safetensors").read_bytes(), name
+    assert not list(tmp_path.glob("*.partial*"))

@@ -28,7 +28,10 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from ..backbones.backbone import ImageSizeWarning
     from ..features.io import extract_to_file, read_images
 
+    from ..distributed import init_distributed, shutdown
+
     backbone = load_backbone(args.checkpoint)
+    context = init_distributed()  # under torchrun: every process extracts its share of the chunks
     with warnings.catch_warnings():
         if not args.allow_other_size:  # refused below instead of warned about
             warnings.simplefilter("ignore", ImageSizeWarning)
@@ -39,7 +42,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         out = extract_to_file(backbone, images, args.nodes, args.timesteps, Path(args.out), noise=args.noise,
                               seed=args.seed, batch_size=args.batch_size, dtype=getattr(torch, args.dtype),
                               progress=True)
-    print(f"wrote features of {images.shape[0]} image(s) to {out}")
+    shutdown(context)
+    if context.is_main:
+        print(f"wrote features of {images.shape[0]} image(s) to {out}")
     return 0
 
 

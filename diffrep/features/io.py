@@ -120,7 +120,8 @@ def extract_to_file(backbone: Backbone, images: Any, nodes: Iterable[str], times
     Memory holds one chunk of images and features, never the whole output. An interrupted run leaves
     ``OUT.partial`` and its progress record; the same call again computes only the missing chunks
     (see :mod:`diffrep.features.stream`). The file equals ``save_features(extractor(images))`` bit for bit
-    (same batching, see FeatureExtractor).
+    (same batching, see FeatureExtractor). Under torchrun (an initialised process group) every process
+    takes every world_size-th chunk and writes it into the same file: the result is the same file.
     """
     from .._provenance import feature_code_digest
     from .cache import backbone_identity
@@ -142,12 +143,14 @@ def extract_to_file(backbone: Backbone, images: Any, nodes: Iterable[str], times
     fingerprint = {"code": feature_code_digest(), "backbone": backbone_identity(backbone),
                    "images": digest, "keys": list(specs), "noise": str(extractor.noise),
                    "seed": seed, "batch_size": batch_size, "dtype": str(dtype)}
-    stream = SafetensorsStream(_safetensors_name(out), specs, {"diffrep": json.dumps(metadata)}, fingerprint)
-    todo = [i for i in range(len(chunks)) if i not in stream.done]
+    rank, world_size, barrier = _process_group()
+    stream = SafetensorsStream(_safetensors_name(out), specs, {"diffrep": json.dumps(metadata)}, fingerprint,
+                               rank=rank, world_size=world_size, barrier=barrier)
+    todo = [i for i in range(len(chunks)) if i % world_size == rank and i not in stream.done]
     try:
         from tqdm.auto import tqdm
 
-        for i in tqdm(todo, desc="extract", unit="chunk", disable=not progress):
+        for i in tqdm(todo, desc="extract", unit="chunk", disable=not progress or rank != 0):
             features = extractor(backbone.check_images(images[chunks[i]]))
             for key in keys:
                 stream.write_rows(f"{key.node}@{key.timestep}", chunks[i].start, features[key].to(dtype))
@@ -156,6 +159,16 @@ def extract_to_file(backbone: Backbone, images: Any, nodes: Iterable[str], times
         stream.abort()
         raise
     return stream.close(len(chunks))
+
+
+def _process_group() -> tuple[int, int, Any]:
+    """(rank, world size, barrier) of the torch.distributed group when one is initialised (torchrun),
+    else a single process: ranks take chunks i with i % world_size == rank."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), dist.barrier
+    return 0, 1, lambda: None
 
 
 def _check_and_digest(backbone: Backbone, images: Any, chunks: list[slice]) -> str:

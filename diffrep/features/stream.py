@@ -6,10 +6,10 @@ size), the header can be written first and each chunk of images written straight
 range: memory holds one chunk, never the whole output, and the result is an ordinary safetensors file
 (``safetensors.safe_open`` reads it lazily).
 
-:class:`SafetensorsStream` writes to ``<out>.partial`` and records finished chunks in
-``<out>.partial.json`` together with a fingerprint of everything that produced them; a rerun with the
-same fingerprint computes only the missing chunks, and ``close`` renames the finished file into place.
-A different fingerprint starts over. A chunk is marked done only after its bytes are flushed, so a kill
+:class:`SafetensorsStream` writes to ``<out>.partial`` (its fingerprint, of everything that produces the
+rows, in ``<out>.partial.json``) and records each rank's finished chunks in ``<out>.partial.rank<r>.json``;
+a rerun with the same fingerprint computes only the missing chunks, with any number of processes, and
+``close`` renames the finished file into place. A different fingerprint starts over. A chunk is marked done only after its bytes are flushed, so a kill
 at any point loses at most the chunk being written.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -35,41 +35,56 @@ class SafetensorsStream:
         metadata: string metadata for the header (``safe_open(...).metadata()``).
         fingerprint: JSON-able description of what produces the rows; a partial file written under
             another fingerprint is discarded.
+        rank, world_size, barrier: for several processes writing one file (torchrun): every rank opens
+            the same partial file and writes its own chunks' byte ranges; each rank records its finished
+            chunks in its own ``<out>.partial.rank<r>.json``; rank 0 prepares the file and finishes it.
+            A resumed run may use another number of processes.
     """
 
     def __init__(self, path: str | os.PathLike, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
-                 metadata: Mapping[str, str], fingerprint: Mapping[str, Any]) -> None:
+                 metadata: Mapping[str, str], fingerprint: Mapping[str, Any], *, rank: int = 0,
+                 world_size: int = 1, barrier: Callable[[], None] = lambda: None) -> None:
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
-        self.progress = self.path.with_name(self.path.name + ".partial.json")
+        self.record = self.path.with_name(self.path.name + ".partial.json")
+        self.rank, self.world_size, self._barrier = int(rank), int(world_size), barrier
         self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
         header, self._ranges, size = _header(specs, metadata)
         self._specs = {name: (dtype, tuple(shape)) for name, (dtype, shape) in specs.items()}
-        self.done: set[int] = self._resume(header, size)
+        self._owner = {"fingerprint": self.fingerprint, "header_bytes": len(header), "size": size}
+        if self.rank == 0:
+            self._prepare(header, size)
+        self._barrier()
+        self.done: set[int] = self._finished()
+        self._mine: set[int] = set()
         self._file = open(self.partial, "r+b")
 
-    def _resume(self, header: bytes, size: int) -> set[int]:
-        """Chunks already written under the same fingerprint and header; otherwise a fresh, sized file."""
-        if self.partial.is_file() and self.progress.is_file():
-            try:
-                record = json.loads(self.progress.read_text())
-            except (OSError, ValueError):
-                record = {}
-            if record.get("fingerprint") == self.fingerprint and record.get("header_bytes") == len(header) \
-                    and self.partial.stat().st_size == size:
-                return {int(i) for i in record.get("done", [])}
+    def _rank_file(self, rank: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.partial.rank{rank}.json")
+
+    def _rank_files(self) -> list[Path]:
+        return sorted(self.path.parent.glob(f"{self.path.name}.partial.rank*.json"))
+
+    def _prepare(self, header: bytes, size: int) -> None:
+        """Keep a partial file written under the same fingerprint and layout; otherwise start a fresh one."""
+        if self.partial.is_file() and self.partial.stat().st_size == size and _read_json(self.record) == self._owner:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in self._rank_files():
+            stale.unlink()
         with open(self.partial, "wb") as handle:
             handle.write(header)
             handle.truncate(size)  # sparse until written
-        self._save_progress(set(), len(header))
-        return set()
+        atomic_write_bytes(self.record, json.dumps(self._owner).encode())
 
-    def _save_progress(self, done: set[int], header_bytes: int | None = None) -> None:
-        if header_bytes is None:
-            header_bytes = json.loads(self.progress.read_text())["header_bytes"]
-        record = {"fingerprint": self.fingerprint, "header_bytes": header_bytes, "done": sorted(done)}
-        atomic_write_bytes(self.progress, json.dumps(record).encode())
+    def _finished(self) -> set[int]:
+        """Chunks recorded as finished by any rank of this or an earlier run with the same fingerprint."""
+        done: set[int] = set()
+        for path in self._rank_files():
+            record = _read_json(path)
+            if record.get("fingerprint") == self.fingerprint:
+                done |= {int(i) for i in record.get("done", [])}
+        return done
 
     def write_rows(self, name: str, start: int, values: torch.Tensor) -> None:
         """Write ``values`` (rows ``start .. start + len(values)`` of tensor ``name``)."""
@@ -82,25 +97,41 @@ class SafetensorsStream:
         self._file.write(values.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
 
     def mark_done(self, chunk: int) -> None:
-        """Record chunk ``chunk`` as finished (after its rows are flushed to disk)."""
+        """Record chunk ``chunk`` as finished by this rank (after its rows are flushed to disk)."""
         self._file.flush()
         os.fsync(self._file.fileno())
+        self._mine.add(int(chunk))
         self.done.add(int(chunk))
-        self._save_progress(self.done)
+        previous = _read_json(self._rank_file(self.rank))
+        earlier = set(previous.get("done", [])) if previous.get("fingerprint") == self.fingerprint else set()
+        record = {"fingerprint": self.fingerprint, "done": sorted(earlier | self._mine)}
+        atomic_write_bytes(self._rank_file(self.rank), json.dumps(record).encode())
 
     def close(self, num_chunks: int) -> Path:
-        """Move the finished file into place (every chunk 0..num_chunks-1 must be done) and drop the progress."""
+        """Wait for every rank, then (rank 0) move the finished file into place and drop the records; every
+        chunk 0..num_chunks-1 must be recorded as finished."""
         self._file.close()
-        missing = sorted(set(range(num_chunks)) - self.done)
-        if missing:
-            raise ValueError(f"{self.partial}: chunks {missing[:10]} are not written; rerun to finish them")
-        os.replace(self.partial, self.path)
-        self.progress.unlink(missing_ok=True)
+        self._barrier()
+        if self.rank == 0:
+            missing = sorted(set(range(num_chunks)) - self._finished())
+            if missing:
+                raise ValueError(f"{self.partial}: chunks {missing[:10]} are not written; rerun to finish them")
+            os.replace(self.partial, self.path)
+            for path in self._rank_files() + [self.record]:
+                path.unlink(missing_ok=True)
+        self._barrier()
         return self.path
 
     def abort(self) -> None:
-        """Close the file after an error, keeping the partial file and its progress for a rerun."""
+        """Close the file after an error, keeping the partial file and the records for a rerun."""
         self._file.close()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _header(specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],

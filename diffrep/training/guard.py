@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .distributed import DistContext
+from ..distributed import DistContext
 from .state import STATE_NAME
 
 RUN_FILES = (STATE_NAME, "log.jsonl", "backbone", "heldout_losses.json")

@@ -24,7 +24,7 @@ from ..backbones.checkpoint import save_backbone
 from ..config import to_dict
 from .config import TrainConfig, check_data_fits
 from .data import TrainingData, build_training_data
-from .distributed import DistContext, barrier, init_distributed, shutdown
+from ..distributed import DistContext, barrier, init_distributed, shutdown
 from .evaluate import heldout_losses
 from .guard import check_step_finite, check_weights_finite, describe_checkpoint, refuse_existing_run
 from .reports import write_loss_curve, write_sample_grid

@@ -1,4 +1,4 @@
-"""torchrun support: process-group set-up (gloo on CPU, nccl on GPU) and batch sharding."""
+"""torchrun support shared by training and extraction: process-group set-up (gloo on CPU, nccl on GPU), sharding."""
 from __future__ import annotations
 
 import os
