@@ -1,4 +1,4 @@
-"""The DDPM noise process in one place: its schedule in float64 and every formula that uses it.
+"""The noise processes in one place: schedules in float64 and every formula that uses them.
 
 Discrete-time, variance-preserving diffusion (Ho et al. 2020, "Denoising Diffusion Probabilistic
 Models"): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps for timesteps t = 0..T-1 (0 = least noise, as
@@ -10,6 +10,12 @@ the last from Nichol & Dhariwal 2021), evaluated in float64 so that alpha-bar ne
 for the linear schedule) keeps its precision; tests check them against MONAI's and diffusers'
 schedulers. Feature extraction, the anomaly scorers, sampling and training all noise and denoise
 through a :class:`DDPMSchedule`.
+
+:class:`VESchedule` is the variance-exploding process of noise-conditioned score networks (NCSN, Song &
+Ermon 2019; the discrete VE-SDE of Song et al. 2021): x_i = x_0 + sigma_i eps on a geometric ladder of
+sigma levels, index 0 = least noise, as diffusers' ``ScoreSdeVeScheduler`` builds it. Both processes
+report ``noise_to_signal(t)`` = sigma / scale, the quantity on which models of different processes can be
+compared at the same noise level.
 """
 from __future__ import annotations
 
@@ -90,6 +96,10 @@ class DDPMSchedule:
         """sqrt(abar_t): the factor on x_0 in x_t."""
         return math.sqrt(self.alpha_bar(t))
 
+    def noise_to_signal(self, t: int) -> float:
+        """sigma / scale = sqrt((1 - abar_t) / abar_t): comparable across VP and VE processes."""
+        return self.noise_level(t) / self.signal_scale(t)
+
     def posterior_variance(self, t: int) -> float:
         """The fixed-small variance beta~_t = (1 - abar_{t-1}) / (1 - abar_t) * beta_t of q(x_{t-1} | x_t, x_0)
         (Ho et al. 2020, eq. 7)."""
@@ -147,3 +157,64 @@ def ddim_timesteps(start: int, steps: int) -> list[int]:
     if steps < 1 or start < 0:
         raise ValueError(f"ddim_timesteps: expected start >= 0 and steps >= 1, got start={start}, steps={steps}")
     return [int(t) for t in np.linspace(start, 0, steps).round().astype(int)]
+
+
+@dataclass(frozen=True, eq=False)
+class VESchedule:
+    """A discrete variance-exploding process: x_i = x_0 + sigma_i eps, sigma_i geometric from sigma_min
+    (i = 0) to sigma_max (i = N-1). A network of this process predicts the score; ``eps_from_score`` and
+    ``score`` convert between the score and the noise."""
+
+    sigmas: torch.Tensor  # float64, (N,), increasing
+
+    @classmethod
+    def geometric(cls, sigma_min: float, sigma_max: float, num_levels: int) -> "VESchedule":
+        """The NCSN ladder exp(linspace(log sigma_min, log sigma_max, N)) (diffusers' ``discrete_sigmas``)."""
+        if not 0 < sigma_min < sigma_max or num_levels < 2:
+            raise ValueError(f"VESchedule: expected 0 < sigma_min < sigma_max and num_levels >= 2, got "
+                             f"sigma_min={sigma_min}, sigma_max={sigma_max}, num_levels={num_levels}")
+        return cls(torch.exp(torch.linspace(math.log(sigma_min), math.log(sigma_max), int(num_levels),
+                                            dtype=torch.float64)))
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.sigmas)
+
+    def noise_level(self, t: int) -> float:
+        """sigma_t, the standard deviation of the noise in x_t (0 for t = -1, clean data)."""
+        return 0.0 if t < 0 else float(self.sigmas[t])
+
+    def signal_scale(self, t: int) -> float:
+        return 1.0
+
+    def noise_to_signal(self, t: int) -> float:
+        return self.noise_level(t)
+
+    def _sigma(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return _view(self.sigmas[timesteps.to("cpu").long()], like)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t = x_0 + sigma_t eps (Song & Ermon 2019)."""
+        return x0 + self._sigma(timesteps, x0) * noise
+
+    def predict_x0(self, x_t: torch.Tensor, eps: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_0 = x_t - sigma_t eps (Tweedie's formula with eps = -sigma_t score)."""
+        return x_t - self._sigma(timesteps, x_t) * eps
+
+    def predict_eps(self, x_t: torch.Tensor, x0: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return (x_t - x0) / self._sigma(timesteps, x_t)
+
+    def score(self, eps: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """grad log p(x_t) = -eps / sigma_t."""
+        return -eps / self._sigma(timesteps, eps)
+
+    def eps_from_score(self, score: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The noise a score network's output implies: eps = -sigma_t score."""
+        return -self._sigma(timesteps, score) * score
+
+
+def nearest_timestep(process: Any, noise_to_signal: float) -> int:
+    """The timestep of ``process`` (VP or VE) whose sigma / scale is closest to ``noise_to_signal`` (in log
+    space): where to read two models of different processes at the same noise level."""
+    ratios = torch.tensor([process.noise_to_signal(t) for t in range(process.num_timesteps)], dtype=torch.float64)
+    return int((ratios.log() - math.log(noise_to_signal)).abs().argmin())

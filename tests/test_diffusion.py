@@ -127,3 +127,32 @@ def test_ddim_sampling_with_the_exact_denoiser_returns_the_known_image():
         torch.testing.assert_close(sample, bb.to_data_range(clean).expand(2, -1, -1, -1), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="num_inference_steps"):
         ddim_sample(bb, 1, (8, 8), num_inference_steps=0)
+
+
+def test_ve_ladder_and_noised_image_match_diffusers_score_sde_ve():
+    diffusers = pytest.importorskip("diffusers")
+    from diffrep.diffusion import VESchedule
+
+    theirs = diffusers.ScoreSdeVeScheduler(num_train_timesteps=2000, sigma_min=0.01, sigma_max=50.0)
+    ours = VESchedule.geometric(0.01, 50.0, 2000)
+    torch.testing.assert_close(ours.sigmas, theirs.discrete_sigmas.double(), rtol=1e-6, atol=1e-6)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(3, 1, 4, 4, generator=g) * 2 - 1, torch.randn(3, 1, 4, 4, generator=g)
+    t = torch.tensor([0, 700, 1999])
+    torch.testing.assert_close(ours.add_noise(x0, noise, t), theirs.add_noise(x0, noise, t), rtol=1e-6, atol=1e-5)
+    x_t = ours.add_noise(x0, noise, t)
+    torch.testing.assert_close(ours.predict_x0(x_t, noise, t), x0, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ours.eps_from_score(ours.score(noise, t), t), noise)
+
+
+def test_processes_compare_at_the_same_noise_to_signal_ratio():
+    from diffrep.diffusion import VESchedule, nearest_timestep
+
+    vp = DDPMSchedule.from_config(ScheduleConfig())
+    ve = VESchedule.geometric(0.01, 50.0, 1000)
+    for t in (50, 250, 600):
+        i = nearest_timestep(ve, vp.noise_to_signal(t))
+        assert ve.noise_to_signal(i) == pytest.approx(vp.noise_to_signal(t), rel=0.01)
+    assert nearest_timestep(vp, vp.noise_to_signal(321)) == 321
+    with pytest.raises(ValueError, match="sigma_min < sigma_max"):
+        VESchedule.geometric(1.0, 0.5, 10)
