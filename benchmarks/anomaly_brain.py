@@ -36,8 +36,6 @@ Writes ``--out`` (default benchmarks/results/anomaly_brain.json) and ``<out stem
 from __future__ import annotations
 
 import argparse
-import copy
-import hashlib
 import itertools
 import json
 import sys
@@ -51,8 +49,9 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from anomaly_cache import MapCache, array_digest  # noqa: E402
-from common import RESULTS_DIR, Stopwatch, finish_metadata, mean_std, run_metadata, write_json  # noqa: E402
+from anomaly_cache import MapCache  # noqa: E402
+from common import (RESULTS_DIR, Stopwatch, finish_metadata, mean_std, random_init_control, run_metadata,  # noqa: E402
+                    write_json)
 
 from diffrep import load_backbone  # noqa: E402
 from diffrep.anomaly import (CalibratedScorer, DAEScorer, FeatureDistanceScorer, MultiLevelScorer, ReconstructionScorer,  # noqa: E402
@@ -61,8 +60,9 @@ from diffrep.anomaly.metrics import best_dice, evaluate_anomaly, pixel_auprc  # 
 from diffrep.backbones import Backbone  # noqa: E402
 from diffrep.data.augment import augment_batch, brain_augmentation  # noqa: E402
 from diffrep.data.lesions import make_anomaly_test_set  # noqa: E402
+from diffrep._atomic import atomic_write_json  # noqa: E402
 from diffrep._provenance import code_digest  # noqa: E402
-from diffrep.features.cache import backbone_identity  # noqa: E402
+from diffrep.digests import array_digest, backbone_identity, json_digest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 NOISES = {"gaussian": ("gaussian", None), "simplex": ("simplex", None),  # simplex defaults = AnoDDPM's (64 px)
@@ -199,11 +199,11 @@ def features(backbone: Backbone, s: dict) -> FeatureDistanceScorer:
 def dae_factory(train: tuple[torch.Tensor, torch.Tensor], steps: int, cache_dir: Path, info: dict,
                 progress: bool) -> Callable[[Backbone, dict], DAEScorer]:
     """A factory of the DAE (trained once on the train split + brain augmentation, cached on disk by its settings)."""
-    data_hash = hashlib.sha1(train[0].numpy().tobytes() + train[1].numpy().tobytes()).hexdigest()
+    data_hash = array_digest(train[0], train[1])
     recipe = {"channels": [32, 64, 128, 256], "strides": [2, 2, 2], "num_res_units": 2, "noise_resolution": 16,
               "noise_std": 0.2, "steps": steps, "batch_size": 16, "lr": 1e-4, "seed": 0,
               "augment": "brain_augment(prob=0.5), as brain-ddpm", "data": data_hash, "code": CODE}
-    key = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    key = json_digest(recipe)
     path = cache_dir / f"dae-{key}"
     info.update(recipe=recipe, cache=str(path))
 
@@ -220,7 +220,7 @@ def dae_factory(train: tuple[torch.Tensor, torch.Tensor], steps: int, cache_dir:
                                               for i in range(0, steps, every)],
                      "train_seconds": round(time.perf_counter() - start, 1)}
             dae.save(path)
-            (path / "loss_curve.json").write_text(json.dumps(curve))
+            atomic_write_json(path / "loss_curve.json", curve)
             info["trained_here"] = True
         dae = DAEScorer.load(path)
         info.setdefault("trained_here", False)
@@ -408,8 +408,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     limit = TARGETS["max_unet_calls"]
     cheap = [s for s in specs if s.kind == "diffrep" and best[s.name]["unet_calls_per_slice"] <= limit]
     headline = top(cheap)
-    torch.manual_seed(args.control_seed)
-    random_backbone = Backbone(copy.deepcopy(backbone.config))
+    random_backbone = random_init_control(backbone, args.control_seed, "--control-seed")
     recon_rows = [s for s in cheap if s.factory is recon]
     controlled = [headline] + ([top(recon_rows)] if recon_rows else []) + [s for s in specs if s.factory is features]
     for spec in {s.name: s for s in controlled}.values():  # headline, best cheap reconstruction, feature distance

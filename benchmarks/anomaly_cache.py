@@ -6,27 +6,13 @@ atomically (diffrep._atomic), so a killed run leaves either a whole entry or non
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from diffrep._atomic import atomic_path
-
-
-def array_digest(*arrays: np.ndarray | None) -> str:
-    """A short digest of arrays' shapes, dtypes and values (None allowed)."""
-    digest = hashlib.sha1()
-    for a in arrays:
-        if a is None:
-            digest.update(b"none")
-            continue
-        a = np.ascontiguousarray(a)
-        digest.update(f"{a.dtype}:{a.shape}".encode())
-        digest.update(a.tobytes())
-    return digest.hexdigest()[:16]
+from diffrep.digests import json_digest
 
 
 class MapCache:
@@ -41,7 +27,7 @@ class MapCache:
         self.hits = 0
 
     def _path(self, key: dict[str, Any]) -> Path:
-        name = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        name = json_digest(key, length=20)
         return self.root / f"maps-{name}.npz"
 
     def get(self, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffrep._atomic import atomic_savefig
+
 
 def pick_slices(test: dict, n: int) -> list[int]:
     """Up to ``n`` lesioned images, one per lesion kind first, then the largest remaining lesions."""
@@ -47,10 +49,6 @@ def plot_maps(path: str | Path, test: dict, maps: dict[str, np.ndarray], n: int 
             ax.set_xticks([])
             ax.set_yticks([])
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    path = atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
     return path

@@ -20,7 +20,6 @@ with ``--quick``) to ``--out``. Features are cached (``--cache-dir``), so a reru
 from __future__ import annotations
 
 import argparse
-import copy
 import shlex
 import sys
 from pathlib import Path
@@ -30,12 +29,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, Stopwatch, finish_metadata, mean_std, run_metadata, write_json  # noqa: E402
+from common import (RESULTS_DIR, Stopwatch, finish_metadata, mean_std, random_init_control, run_metadata,  # noqa: E402
+                    write_json)
 
 from diffrep import load_backbone  # noqa: E402
+from diffrep._atomic import atomic_savefig  # noqa: E402
 from diffrep.backbones import Backbone  # noqa: E402
 from diffrep.data.fashion_mnist import load_fashion_mnist, to_tensor_images  # noqa: E402
-from diffrep.features.cache import DEFAULT_CACHE_DIR, backbone_identity  # noqa: E402
+from diffrep.features.cache import DEFAULT_CACHE_DIR  # noqa: E402
 from diffrep.heads import LinearProbe, key_name, sample_per_class, stack_features  # noqa: E402
 from diffrep.pipelines.probe import DEFAULT_TIMESTEPS, ProbeRun, load_probe_dataset, run_probe  # noqa: E402
 
@@ -183,11 +184,8 @@ def heatmap(runs: dict[str, ProbeRun], nodes: list[str], timesteps: list[int], b
         ax.set_title(name, fontsize=10)
     fig.colorbar(im, ax=axes[0].tolist(), label="validation accuracy")
     fig.suptitle(title, fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    atomic_savefig(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)
-    tmp.replace(path)
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -214,13 +212,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                   batch_size=args.batch_size, probe=probe, progress=progress, pool_grid=args.pool_grid)
 
     init_seed = args.seed if args.random_init_seed is None else args.random_init_seed
-    torch.manual_seed(init_seed)
-    random_config = copy.deepcopy(backbone.config)
-    random_config.provenance = {"note": f"random initialisation (torch.manual_seed({init_seed})), same architecture"}
-    random_backbone = Backbone(random_config)
-    if backbone_identity(random_backbone) == backbone_identity(backbone):
-        raise ValueError(f"the random-init control (torch.manual_seed({init_seed})) has exactly the weights of "
-                         f"{args.backbone!r}: that backbone is untrained; pass --random-init-seed with another seed")
+    random_backbone = random_init_control(backbone, init_seed, "--random-init-seed")
 
     with watch("diffrep: features + selection + full-label probes"):
         run = run_probe(backbone, xtr, ytr, xte, yte, **common)

@@ -1,7 +1,6 @@
 """Shared benchmark plumbing: run metadata (command, versions, machine) and JSON output."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shlex
@@ -10,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from diffrep._atomic import atomic_write_json
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -42,12 +43,32 @@ def run_metadata(config: dict[str, Any], seed: int | None) -> dict[str, Any]:
 
 def write_json(payload: dict[str, Any], path: str | Path) -> Path:
     """Write a result JSON (atomically) and return its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=float) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(path, payload, default=float)
+
+
+def random_init_control(backbone: Any, seed: int, seed_option: str = "the control's seed") -> Any:
+    """A randomly initialised U-Net of ``backbone``'s architecture (``torch.manual_seed(seed)``): the
+    control every benchmark compares the trained backbone against.
+
+    Refuses (ValueError) when the control has exactly the trained backbone's identity (config and
+    weights): then ``backbone`` is itself this random initialisation and the comparison would be void;
+    ``seed_option`` names the option that picks another seed.
+    """
+    import copy
+
+    import torch
+
+    from diffrep.backbones import Backbone
+    from diffrep.digests import backbone_identity
+
+    torch.manual_seed(seed)
+    config = copy.deepcopy(backbone.config)
+    config.provenance = {"note": f"random initialisation (torch.manual_seed({seed})), same architecture"}
+    control = Backbone(config)
+    if backbone_identity(control) == backbone_identity(backbone):
+        raise ValueError(f"the random-init control (torch.manual_seed({seed})) has exactly the weights of the "
+                         f"backbone under test: that backbone is untrained; pass {seed_option} with another seed")
+    return control
 
 
 def interleaved_medians(variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, dict[str, float]]:

@@ -33,7 +33,6 @@ the work needs); total peak RSS (interpreter, torch and MONAI included) is repor
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shutil
 import sys
@@ -45,14 +44,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, Stopwatch, finish_metadata, mean_std, run_metadata, write_json  # noqa: E402
+from common import (RESULTS_DIR, Stopwatch, finish_metadata, mean_std, random_init_control, run_metadata,  # noqa: E402
+                    write_json)
 from memory import PeakMeter, report, run_measured  # noqa: E402
 
 from diffrep import FeatureKey, load_backbone, upsample_concat  # noqa: E402
+from diffrep._atomic import atomic_savefig  # noqa: E402
 from diffrep.backbones import Backbone, BackboneConfig  # noqa: E402
 from diffrep.data.augment import augment_batch, brain_augmentation  # noqa: E402
 from diffrep.data.brain import LABEL_NAMES, NUM_CLASSES, BrainSlices, load_brain_split  # noqa: E402
-from diffrep.features.pixel_store import ArrayPixels, backbone_digest  # noqa: E402
+from diffrep.digests import backbone_identity  # noqa: E402
+from diffrep.features.pixel_store import ArrayPixels  # noqa: E402
 from diffrep.heads import PixelClassifier, segmentation_metrics  # noqa: E402
 from diffrep.pipelines.segmentation import extract_pixel_store, pixel_extractor  # noqa: E402
 
@@ -117,13 +119,6 @@ def get_backbone(spec: str) -> Backbone:
         config.provenance = {"note": "random initialisation (torch.manual_seed(1234)); smoke runs only"}
         return Backbone(config)
     return load_backbone(spec)
-
-
-def random_control(backbone: Backbone, seed: int = 0) -> Backbone:
-    torch.manual_seed(seed)
-    config = copy.deepcopy(backbone.config)
-    config.provenance = {"note": f"random initialisation (torch.manual_seed({seed})), same architecture"}
-    return Backbone(config)
 
 
 def make_head(args: argparse.Namespace, seed: int, grid: bool = False) -> PixelClassifier:
@@ -333,7 +328,7 @@ def overlays(path: Path, images: np.ndarray, truth: np.ndarray, pred: np.ndarray
             axes[r, c].axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -352,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = Path(args.out)
 
     backbone = get_backbone(args.backbone)
-    control = random_control(backbone)
+    control = random_init_control(backbone, 0)
     train, val, test = (load_brain_split(s) for s in ("train", "val", "test"))
     if args.val_limit:
         val = val.subset(np.linspace(0, len(val) - 1, args.val_limit).round().astype(int))
@@ -441,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         target["meaningful"] = meaningful  # quick runs and untrained backbones only smoke-test the pipeline
     payload = {**meta, "task": "brain tissue segmentation, 64x64 axial MNI152 slices",
                "protocol": __doc__.split("\n\n")[1:5],
-               "backbone": {"spec": args.backbone, "identity": backbone_digest(backbone),
+               "backbone": {"spec": args.backbone, "identity": backbone_identity(backbone),
                             "provenance": backbone.config.provenance,
                             "noise_levels": {str(t): backbone.noise_level(t) for t in sorted(
                                 {t for ts in TIMESTEP_SETS.values() for t in ts})}},

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import segmentation_brain as seg  # noqa: E402
-from common import RESULTS_DIR, Stopwatch, finish_metadata, run_metadata, write_json  # noqa: E402
+from common import RESULTS_DIR, Stopwatch, finish_metadata, random_init_control, run_metadata, write_json  # noqa: E402
 
 from diffrep import FeatureExtractor, upsample_concat  # noqa: E402
 from diffrep.data.brain import NUM_CLASSES, load_brain_split  # noqa: E402
@@ -46,7 +46,7 @@ def main() -> dict:
     idx = seg.labelled_indices(args.seed, seg.SELECT_N, len(train))
     backbone = seg.get_backbone(args.backbone)
     rows = []
-    for name, bb in (("diffrep", backbone), ("control: random-init U-Net", seg.random_control(backbone))):
+    for name, bb in (("diffrep", backbone), ("control: random-init U-Net", random_init_control(backbone, 0))):
         for nodes, ts in CONFIGS:
             with watch(name):
                 fit_x, val_x = (descriptors(bb, nodes, ts, x, args.seed) for x in (train.images[idx], val.images))

@@ -1,11 +1,12 @@
 """Atomic file writes: write to a temporary name in the target's folder, then rename into place."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 @contextmanager
@@ -32,3 +33,17 @@ def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``target`` atomically."""
     with atomic_path(target) as tmp, open(tmp, "wb") as handle:
         handle.write(data)
+
+
+def atomic_write_json(target: str | os.PathLike, payload: Any, **dumps_options: Any) -> Path:
+    """Write ``payload`` as JSON (``indent=2`` unless given, a final newline) to ``target`` atomically."""
+    dumps_options.setdefault("indent", 2)
+    atomic_write_bytes(target, (json.dumps(payload, **dumps_options) + "\n").encode())
+    return Path(target)
+
+
+def atomic_savefig(fig: Any, target: str | os.PathLike, **savefig_options: Any) -> Path:
+    """Save a matplotlib figure to ``target`` atomically (the format follows ``target``'s suffix)."""
+    with atomic_path(target, suffix=".tmp" + Path(target).suffix) as tmp:
+        fig.savefig(tmp, **savefig_options)
+    return Path(target)

@@ -16,6 +16,49 @@ def as_tensor(x: Any, name: str) -> torch.Tensor:
     raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
 
 
+def as_numpy(x: Any, name: str) -> np.ndarray:
+    """A numpy array or tensor as a numpy array (detached, on the CPU, no copy where possible);
+    anything else is a TypeError naming ``name``. The counterpart of :func:`as_tensor`; bfloat16
+    tensors, which numpy cannot hold, become float32."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+    if isinstance(x, np.ndarray):
+        return x
+    raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
+
+
+def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    """``value`` as an int if it is an integer (Python or numpy, not bool) >= ``minimum``; otherwise a
+    ValueError naming ``name``, the bound and the value. The one integer check of the library's arguments."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_label_range(labels: Any, num_classes: int | None, ignore_index: int | None = None,
+                      name: str = "labels") -> torch.Tensor:
+    """Integer label maps (a tensor or array of any shape) as an int64 tensor whose every value lies in
+    0..num_classes-1 or equals ``ignore_index``; a float map is a TypeError, an out-of-range value a
+    ValueError listing the values. The value check shared by ``data.brain.check_labels`` and
+    ``features.pixel_store.check_pixel_labels`` (which also check shapes); ``heads.label_maps.
+    check_label_classes`` goes further and infers the number of classes from the labels found.
+    ``num_classes=None`` checks the dtype only."""
+    y = as_tensor(labels, name)
+    if y.is_floating_point() or y.is_complex():
+        raise TypeError(f"{name}: expected an integer label map, got dtype {y.dtype}; convert the labels to an integer dtype")
+    y = y.long()
+    if num_classes is not None:
+        bad = (y < 0) | (y >= num_classes)
+        if ignore_index is not None:
+            bad &= y != ignore_index
+        if bool(bad.any()):
+            values = torch.unique(y[bad])[:10].tolist()
+            allowed = f"0..{num_classes - 1}" + (f" or ignore_index {ignore_index}" if ignore_index is not None else "")
+            raise ValueError(f"{name}: expected values in {allowed}, got out-of-range value(s) {values}")
+    return y
+
+
 def as_float_images(images: Any, *, in_channels: int, spatial_dims: int, name: str = "images") -> torch.Tensor:
     """Check and convert an image batch to a float32 tensor of shape (N, C, *spatial).
 

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .errors import check_positive_int
+
 NOISE_KINDS = ("gaussian", "simplex", "coarse")
 
 
@@ -119,8 +121,7 @@ def simplex_noise(shape: tuple[int, ...], *, octaves: int = 6, persistence: floa
     """
     dims = _check_shape(shape)
     _check_dtype(dtype)
-    if isinstance(octaves, bool) or not isinstance(octaves, int) or octaves < 1:
-        raise ValueError(f"octaves: expected an int >= 1, got {octaves!r}")
+    check_positive_int(octaves, "octaves")
     for name, value in (("persistence", persistence), ("frequency", frequency)):
         if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
             raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
@@ -157,8 +158,7 @@ def coarse_noise(shape: tuple[int, ...], *, resolution: int = 16, std: float = 0
     _check_dtype(dtype)
     if len(dims) != 4:
         raise ValueError(f"shape: coarse noise is 2-D only, expected (N, C, H, W), got {dims}")
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
-        raise ValueError(f"resolution: expected an int >= 1, got {resolution!r}")
+    check_positive_int(resolution, "resolution")
     if isinstance(std, bool) or not isinstance(std, Real) or not math.isfinite(std) or std < 0:
         raise ValueError(f"std: expected a finite number >= 0, got {std!r}")
     n, c, h, w = dims

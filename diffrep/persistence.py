@@ -5,7 +5,7 @@
 * ``config.json``: the format name and version, the class, its ``__init__`` parameters (JSON values;
   tuples are marked so they come back as tuples), the fitted scalar state (numbers, strings, lists,
   dicts), and, for a scorer on a diffusion backbone, a reference to that backbone (its checkpoint
-  path or zoo name when known, and its :func:`~diffrep.features.cache.backbone_identity` digest);
+  path or zoo name when known, and its :func:`~diffrep.digests.backbone_identity` digest);
 * ``state.safetensors``: every fitted array or tensor, by name.
 
 A parameter that is itself a scorer (``CalibratedScorer.scorer``, ``MultiLevelScorer.scorers``) is
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._atomic import atomic_path, atomic_write_bytes
+from ._atomic import atomic_path, atomic_write_json
 
 FORMAT = "diffrep-fitted"
 FORMAT_VERSION = 1
@@ -77,7 +77,7 @@ def save_fitted(obj: Any, directory: str | os.PathLike, *, backbone_source: str 
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / STATE_NAME) as tmp:
             save_file(entry.tensors, tmp, metadata={"format": FORMAT})
-        atomic_write_bytes(folder / CONFIG_NAME, (json.dumps(entry.config, indent=2) + "\n").encode())
+        atomic_write_json(folder / CONFIG_NAME, entry.config)
     return directory
 
 
@@ -160,7 +160,7 @@ class _Context:
         return _scalar(value, key)
 
     def _backbone(self, backbone: Any, where: str) -> dict[str, bool]:
-        from .features.cache import backbone_identity
+        from .digests import backbone_identity
 
         identity = backbone_identity(backbone)
         if self.backbone_ref is not None and self.backbone_ref["identity"] != identity:
@@ -269,7 +269,7 @@ class _Loader:
         """The backbone this config needs (loaded from its source unless given), its identity checked."""
         if ref is None:
             return None
-        from .features.cache import backbone_identity
+        from .digests import backbone_identity
 
         source, identity = ref.get("source"), ref.get("identity")
         if self.backbone is None:

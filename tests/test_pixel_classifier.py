@@ -131,7 +131,7 @@ def test_bad_parameters_and_predict_input():
     x, y = toy()
     with pytest.raises(ValueError, match="vote: expected one of"):
         small(vote="median").fit(x, y)
-    with pytest.raises(ValueError, match="n_members: expected a positive integer, got 0"):
+    with pytest.raises(ValueError, match="n_members: expected an integer >= 1, got 0"):
         small(n_members=0).fit(x, y)
     clf = small().fit(x, y)
     with pytest.raises(ValueError, match="expected 6 features per pixel .*, got 5"):

@@ -21,6 +21,7 @@ from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
 from .._types import AnomalyResult
+from ..errors import check_positive_int
 from .postprocess import check_masks, image_scores, postprocess_maps
 
 
@@ -55,12 +56,9 @@ class AnomalyScorer(BaseEstimator, ABC):
 
     def _validate(self) -> None:
         """Check the stored arguments; raise ValueError naming valid values. Extended by subclasses."""
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive integer, got {self.batch_size!r}")
+        check_positive_int(self.batch_size, "batch_size")
         for name in ("erode", "median"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-                raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
+            check_positive_int(getattr(self, name), name, minimum=0)
         if not (isinstance(self.top_fraction, (int, float)) and 0.0 < float(self.top_fraction) <= 1.0):
             raise ValueError(f"top_fraction: expected a number in (0, 1], got {self.top_fraction!r}")
 
@@ -136,10 +134,3 @@ def check_choice(value: Any, name: str, valid: Sequence[str]) -> str:
     if value not in valid:
         raise ValueError(f"{name}: expected one of {list(valid)}, got {value!r}")
     return value
-
-
-def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
-    """Return ``value`` as int if it is an integer >= ``minimum``; otherwise raise ValueError."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
-    return int(value)

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from ..errors import as_float_images
-from .base import AnomalyScorer, check_positive_int
+from .base import AnomalyScorer
+from ..errors import check_positive_int
 from .postprocess import check_masks
 
 Augment = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from ..backbones.backbone import Backbone
 from ..features import FeatureExtractor, NoisePolicy, upsample_concat
-from .base import AnomalyScorer, check_choice, check_positive_int
+from .base import AnomalyScorer, check_choice
+from ..errors import check_positive_int
 from .postprocess import check_masks
 
 METHODS = ("knn", "gaussian")

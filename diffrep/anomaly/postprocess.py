@@ -15,16 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 from scipy import ndimage as ndi
 
-
-def _numpy(x: Any, name: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    if isinstance(x, np.ndarray):
-        return x
-    raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
+from ..errors import as_numpy, check_positive_int
 
 
 def check_masks(masks: Any, images_shape: tuple[int, ...]) -> np.ndarray | None:
@@ -35,7 +28,7 @@ def check_masks(masks: Any, images_shape: tuple[int, ...]) -> np.ndarray | None:
     """
     if masks is None:
         return None
-    arr = _numpy(masks, "masks")
+    arr = as_numpy(masks, "masks")
     n, spatial = images_shape[0], tuple(images_shape[2:])
     if arr.shape == (n, 1, *spatial):
         arr = arr[:, 0]
@@ -60,7 +53,7 @@ def erode_masks(masks: np.ndarray, iterations: int) -> np.ndarray:
     Pixels on the image border count as outside (``border_value=0``). ``iterations=0`` returns
     the masks unchanged.
     """
-    _check_int(iterations, "erode", minimum=0)
+    check_positive_int(iterations, "erode", minimum=0)
     if iterations == 0:
         return masks
     return ndi.binary_erosion(masks, structure=_batch_structure(masks.ndim - 1), iterations=iterations,
@@ -69,7 +62,7 @@ def erode_masks(masks: np.ndarray, iterations: int) -> np.ndarray:
 
 def median_filter_maps(maps: np.ndarray, size: int) -> np.ndarray:
     """Median filter of each map with a (size x size[ x size]) window; ``size`` 0 or 1 = no filter."""
-    _check_int(size, "median", minimum=0)
+    check_positive_int(size, "median", minimum=0)
     if size <= 1:
         return maps
     return ndi.median_filter(maps, size=(1,) + (size,) * (maps.ndim - 1), mode="constant", cval=0.0)
@@ -82,7 +75,7 @@ def postprocess_maps(maps: Any, masks: np.ndarray | None = None, erode: int = 0,
     Masking before the filter keeps border residuals from leaking inwards; masking after it keeps
     the background exactly 0. Returns ``(maps float32 (N, *spatial), eroded masks or None)``.
     """
-    arr = np.asarray(_numpy(maps, "maps"), dtype=np.float32)
+    arr = np.asarray(as_numpy(maps, "maps"), dtype=np.float32)
     if masks is not None and masks.shape != arr.shape:
         raise ValueError(f"masks: expected shape {arr.shape} (the maps' shape), got {masks.shape}")
     eroded = erode_masks(masks, erode) if masks is not None else None
@@ -113,8 +106,3 @@ def image_scores(maps: np.ndarray, masks: np.ndarray | None = None, top_fraction
         k = max(1, int(np.ceil(top_fraction * values.size)))
         scores[i] = np.partition(values, values.size - k)[values.size - k:].mean()
     return scores
-
-
-def _check_int(value: Any, name: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._atomic import atomic_path
+from ..errors import check_positive_int
 from ..data.brain import _crop_box, _derive, _slices
 from .base import AnomalyScorer
 
@@ -122,8 +124,7 @@ def score_volume(scorer: AnomalyScorer, nifti_path: str | os.PathLike, out_path:
     nifti_path, out_path = Path(nifti_path), Path(out_path)
     mask_path = Path(mask_path) if mask_path is not None else None
     check_volume_paths(nifti_path, out_path, mask_path, overwrite=overwrite)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
-        raise ValueError(f"size: expected an int >= 8, got {size!r}")
+    check_positive_int(size, "size", minimum=8)
     img, vol, mask = _read_inputs(nifti_path, mask_path)
     lo, hi = np.percentile(vol[mask], [1.0, 99.0])
     if hi <= lo:
@@ -179,12 +180,6 @@ def _write_map(out: np.ndarray, img: Any, out_path: Path) -> Path:
     klass = img.__class__ if isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) else nib.Nifti1Image
     result = klass(out, img.affine, header=header)
     result.header["cal_min"], result.header["cal_max"] = 0.0, float(out.max())
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".tmp-{os.getpid()}-{out_path.name}")
-    try:
-        nib.save(result, str(tmp))
-        os.replace(tmp, out_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(out_path, suffix=".tmp" + "".join(out_path.suffixes[-2:])) as tmp:  # nibabel reads the suffix
+        nib.save(result, tmp)
     return out_path

@@ -13,7 +13,7 @@ from monai.networks.nets import DiffusionModelUNet
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .._atomic import atomic_path, atomic_write_bytes
+from .._atomic import atomic_path, atomic_write_json
 from ..config import from_dict, to_dict
 from .backbone import Backbone
 from .config import BackboneConfig
@@ -43,7 +43,7 @@ def save_backbone(backbone: Backbone, directory: str | os.PathLike, *, dtype: to
                **to_dict(backbone.config)}
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
         save_file(state, tmp, metadata={"format": FORMAT})
-    atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_json(directory / CONFIG_NAME, payload, sort_keys=True)
     return directory
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ DATASETS = ("fmnist",)
 
 def _check_probe_args(args: argparse.Namespace, backbone: Any) -> None:
     """Refuse bad options before any data is loaded or feature computed (errors name the option)."""
+    from ..errors import check_positive_int
     from ..features.aggregate import check_pool_grid
     from ..features.noise_policy import NoisePolicy
     from ..pipelines.probe import probe_image_size
@@ -24,9 +24,8 @@ def _check_probe_args(args: argparse.Namespace, backbone: Any) -> None:
     bound, reason = backbone.max_pool_grid(nodes, (size, size))
     check_pool_grid(args.pool_grid, bound, where=f"--pool-grid: {reason}")
     for option in ("batch_size", "chunk_size", "grid_fit", "limit_train", "limit_test", "labels_per_class", "max_iter"):
-        value = getattr(args, option)
-        if value is not None and value < 1:
-            raise ValueError(f"--{option.replace('_', '-')}: expected a positive integer, got {value}")
+        if getattr(args, option) is not None:
+            check_positive_int(getattr(args, option), f"--{option.replace('_', '-')}")
     if not 0 < args.val_fraction < 1:
         raise ValueError(f"--val-fraction: expected a number in (0, 1), got {args.val_fraction}")
     if Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
@@ -48,7 +47,7 @@ def _print_run(report: dict) -> None:
 def _cmd_probe(args: argparse.Namespace) -> int:
     import torch
 
-    from .._atomic import atomic_write_bytes
+    from .._atomic import atomic_write_json
     from ..backbones import load_backbone
     from ..features.cache import DEFAULT_CACHE_DIR
     from ..heads.linear_probe import LinearProbe
@@ -73,7 +72,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         suffix = f"_k{args.labels_per_class}" if args.labels_per_class else ""
         path = Path(args.out) / f"probe_{args.dataset}{suffix}.json"
         report = {"backbone": str(args.backbone), "data": data_info, **run.report}
-        atomic_write_bytes(path, (json.dumps(report, indent=2) + "\n").encode())
+        atomic_write_json(path, report)
         print(f"wrote {path}")
     return 0
 

@@ -87,13 +87,11 @@ class BrainSlices:
 
 
 def check_labels(labels: np.ndarray | torch.Tensor, num_classes: int = NUM_CLASSES) -> None:
-    """Raise unless ``labels`` is an integer array with every value in 0..num_classes-1."""
-    arr = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
-        raise TypeError(f"labels: expected an integer dtype, got {arr.dtype}")
-    bad = np.unique(arr[(arr < 0) | (arr >= num_classes)])
-    if bad.size:
-        raise ValueError(f"labels: expected values in 0..{num_classes - 1}, got out-of-range value(s) {bad[:10].tolist()}")
+    """Raise unless ``labels`` is an integer array with every value in 0..num_classes-1 (any shape;
+    ``errors.check_label_range``)."""
+    from ..errors import check_label_range
+
+    check_label_range(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels, num_classes)
 
 
 def find_mni152() -> dict[str, Path]:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .._types import FeatureKey
+from ..errors import check_positive_int
 
 
 def _ordered(features: Mapping[FeatureKey, torch.Tensor], keys: Sequence[FeatureKey] | None) -> list[torch.Tensor]:
@@ -25,8 +26,7 @@ def check_pool_grid(grid: int, bound: int | None = None, where: str = "") -> int
     A grid larger than the map would only repeat values (adaptive pooling upsamples), multiplying
     the feature size for nothing; ``where`` says which map sets the bound in the error.
     """
-    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
-        raise ValueError(f"pool grid: expected a positive integer (1 = global average), got {grid!r}")
+    grid = check_positive_int(grid, "pool grid")
     if bound is not None and grid > bound:
         raise ValueError(f"pool grid: expected at most {bound}, the smallest side of the feature maps pooled"
                          f"{' (' + where + ')' if where else ''}, got {grid}")

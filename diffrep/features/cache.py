@@ -16,8 +16,6 @@ same cache for the full run.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from typing import Any, Iterable
 
@@ -27,7 +25,8 @@ import torch
 from .._provenance import feature_code_digest
 from .._types import FeatureKey
 from ..backbones.backbone import Backbone
-from ..config import to_dict
+from ..digests import array_digest, backbone_identity  # backbone_identity: also imported from here
+from ..errors import check_positive_int
 from .aggregate import check_pool_grid, pool_map
 from .extractor import FeatureExtractor
 from .noise_policy import NoisePolicy
@@ -38,41 +37,10 @@ DEFAULT_CACHE_DIR = ".cache/features"
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
-def backbone_identity(backbone: Backbone) -> str:
-    """A digest of a backbone's config (architecture, schedule, normalisation) and every weight.
-
-    Works for in-memory backbones as well as loaded checkpoints; two backbones with the same
-    identity compute the same features.
-    """
-    digest = hashlib.sha256()
-    config = to_dict(backbone.config)
-    config.pop("provenance", None)  # provenance describes training, not the function computed
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(backbone.unet.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
-    return digest.hexdigest()[:16]
-
-
-def images_digest(images: torch.Tensor) -> str:
-    """A digest of an image batch's shape, dtype and values (so different data never share a cache)."""
-    t = images.detach().to("cpu").contiguous()
-    digest = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}".encode())
-    digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
-    return digest.hexdigest()[:16]
-
-
 def _extract_pooled(extractor: FeatureExtractor, images: torch.Tensor, grid: int = 1) -> dict[FeatureKey, torch.Tensor]:
     """Pooled features of one chunk of images: {FeatureKey: (n, C * grid**dims) float32}."""
     features = extractor(images)
     return {key: pool_map(value, grid) for key, value in features.items()}
-
-
-def _check_positive(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    return int(value)
 
 
 def pooled_store(backbone: Backbone, images: torch.Tensor, nodes: list[str], timestep: int, *, noise: str,
@@ -85,7 +53,7 @@ def pooled_store(backbone: Backbone, images: torch.Tensor, nodes: list[str], tim
         "checkpoint": identity or backbone_identity(backbone),
         "nodes": list(nodes), "timestep": int(timestep), "noise": str(NoisePolicy.parse(noise)), "seed": int(seed),
         "dataset": str(dataset_id), "num_images": int(images.shape[0]),
-        "images": digest or images_digest(images), "chunk_size": int(chunk_size), "dtype": dtype,
+        "images": digest or array_digest(images), "chunk_size": int(chunk_size), "dtype": dtype,
     }
     return FeatureStore(cache_dir, fingerprint)
 
@@ -123,16 +91,16 @@ def cached_pooled_features(backbone: Backbone, images: Any, nodes: Iterable[str]
     timesteps = backbone.check_timesteps(timesteps)
     NoisePolicy.parse(noise)
     check_pool_grid(pool_grid, *backbone.max_pool_grid(nodes, tuple(images.shape[2:])))
-    chunk_size = _check_positive(chunk_size, "chunk_size")
-    _check_positive(batch_size, "batch_size")
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    check_positive_int(batch_size, "batch_size")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
     n = images.shape[0]
-    count = n if count is None else _check_positive(count, "count")
+    count = n if count is None else check_positive_int(count, "count")
     if count > n:
         raise ValueError(f"count: expected at most the {n} images given, got {count}")
     num_chunks = -(-count // chunk_size)
-    identity, digest = backbone_identity(backbone), images_digest(images)
+    identity, digest = backbone_identity(backbone), array_digest(images)
     out: dict[FeatureKey, np.ndarray] = {}
     for t in timesteps:
         store = pooled_store(backbone, images, nodes, t, noise=noise, seed=seed, cache_dir=cache_dir,

@@ -13,6 +13,7 @@ import torch
 
 from .._types import FeatureInfo, FeatureKey
 from ..backbones.backbone import Backbone
+from ..errors import check_positive_int
 from .hooks import StopForward, capture_nodes
 from .noise_policy import NoisePolicy
 
@@ -67,8 +68,7 @@ class FeatureExtractor:
             raise ValueError(f"nodes: expected distinct names, got {self.nodes}")
         self.timesteps = backbone.check_timesteps(timesteps)
         self.noise = NoisePolicy.parse(noise)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        check_positive_int(batch_size, "batch_size")
         self.seed = int(seed)
         self.batch_size = batch_size
         self.batch_timesteps = batch_timesteps

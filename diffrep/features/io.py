@@ -1,7 +1,6 @@
 """Reading image inputs for the CLI and writing extracted features with their metadata."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -124,7 +123,7 @@ def extract_to_file(backbone: Backbone, images: Any, nodes: Iterable[str], times
     takes every world_size-th chunk and writes it into the same file: the result is the same file.
     """
     from .._provenance import feature_code_digest
-    from .cache import backbone_identity
+    from ..digests import backbone_identity
     from .stream import SafetensorsStream
 
     extractor = FeatureExtractor(backbone, list(nodes), list(timesteps), noise=noise, seed=seed, batch_size=batch_size)
@@ -174,11 +173,9 @@ def _process_group() -> tuple[int, int, Any]:
 def _check_and_digest(backbone: Backbone, images: Any, chunks: list[slice]) -> str:
     """Check every chunk of images for the backbone and digest their shape, dtype and values, one chunk in
     memory at a time (works on memory-mapped arrays)."""
-    digest = hashlib.sha256(f"{getattr(images, 'dtype', '')}:{tuple(images.shape)}".encode())
-    for index in chunks:
-        part = backbone.check_images(images[index])
-        digest.update(part.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+    from ..digests import chunked_digest
+
+    return chunked_digest(backbone.check_images(images[index]) for index in chunks)
 
 
 def _safetensors_name(out: str | os.PathLike) -> Path:

@@ -13,7 +13,6 @@ and :class:`PixelSubset` (a view of some images of another source).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
@@ -25,6 +24,8 @@ from .._types import FeatureKey
 from .aggregate import upsample_concat
 from .store import FeatureStore, open_chunk
 from ..errors import as_tensor as _as_tensor
+from ..digests import array_digest, backbone_identity
+from ..errors import check_label_range, check_positive_int
 
 DESCRIPTOR = "descriptor"
 LABELS = "labels"
@@ -48,10 +49,11 @@ class PixelSource(Protocol):
 def check_pixel_labels(labels: Any, num_classes: int | None, *, image_shape: Sequence[int] | None = None,
                        num_images: int | None = None, ignore_index: int | None = None,
                        name: str = "labels") -> torch.Tensor:
-    """Validate a label batch (N, H, W) of integers in 0..num_classes-1 (or ``ignore_index``); int64 out."""
-    y = _as_tensor(labels, name)
-    if y.is_floating_point() or y.is_complex():
-        raise TypeError(f"{name}: expected an integer label map, got dtype {y.dtype}")
+    """Validate a label batch (N, H, W) of integers in 0..num_classes-1 (or ``ignore_index``); int64 out.
+
+    The shapes are checked here (one map per image, of the image size), the values by ``errors.check_label_range``.
+    """
+    y = check_label_range(labels, None, name=name)
     if y.ndim != 3:
         raise ValueError(f"{name}: expected shape (N, H, W), got {tuple(y.shape)}")
     if y.shape[0] == 0:
@@ -61,16 +63,7 @@ def check_pixel_labels(labels: Any, num_classes: int | None, *, image_shape: Seq
     if image_shape is not None and tuple(y.shape[1:]) != tuple(image_shape):
         raise ValueError(f"{name}: expected label maps of the image size {tuple(image_shape)}, "
                          f"got {tuple(y.shape[1:])}")
-    y = y.long()
-    if num_classes is not None:
-        bad = (y < 0) | (y >= num_classes)
-        if ignore_index is not None:
-            bad &= y != ignore_index
-        if bool(bad.any()):
-            values = torch.unique(y[bad])[:10].tolist()
-            allowed = f"0..{num_classes - 1}" + (f" or ignore_index {ignore_index}" if ignore_index is not None else "")
-            raise ValueError(f"{name}: expected values in {allowed}, got out-of-range value(s) {values}")
-    return y
+    return check_label_range(y, num_classes, ignore_index, name=name)
 
 
 # --------------------------------------------------------------------------------------------- sources
@@ -129,25 +122,6 @@ class PixelSubset:
 
     def read_labels(self, index: int) -> torch.Tensor:
         return self.source.read_labels(self.indices[index])
-
-
-def tensor_digest(*tensors: Any) -> str:
-    """SHA-256 (16 hex digits) of arrays' shapes, dtypes and bytes: puts the data's identity in a fingerprint."""
-    digest = hashlib.sha256()
-    for t in tensors:
-        arr = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
-        arr = np.ascontiguousarray(arr)
-        digest.update(f"{arr.shape}{arr.dtype}".encode())
-        digest.update(arr.tobytes())
-    return digest.hexdigest()[:16]
-
-
-def backbone_digest(backbone: Any) -> str:
-    """Digest of a backbone's config and weights (``features.cache.backbone_identity``), so a store
-    never serves another U-Net's features."""
-    from .cache import backbone_identity
-
-    return backbone_identity(backbone)
 
 
 class PixelStore:
@@ -269,10 +243,10 @@ def build_pixel_store(root: str | os.PathLike, extractor: Any, images: Any, labe
     size = tuple(int(s) for s in x.shape[2:])
     num_features = sum(extractor.feature_info[k.node].channels for k in keys)
     fingerprint = {
-        "kind": "pixel-descriptors", "code": feature_code_digest(), "backbone": backbone_digest(extractor.backbone),
+        "kind": "pixel-descriptors", "code": feature_code_digest(), "backbone": backbone_identity(extractor.backbone),
         "nodes": list(extractor.nodes), "timesteps": list(extractor.timesteps),
         "keys": [[k.node, k.timestep] for k in keys], "noise": str(extractor.noise), "seed": extractor.seed,
-        "data": tensor_digest(x, y), "num_images": int(x.shape[0]), "image_shape": list(size),
+        "data": array_digest(x, y), "num_images": int(x.shape[0]), "image_shape": list(size),
         "num_features": num_features, "dtype": "float16", "upsample": "bilinear", **dict(extra or {}),
     }
     store = PixelStore(root, fingerprint)
@@ -324,8 +298,7 @@ class BalancedPixelSampler:
                  ignore_index: int | None = None, dtype: torch.dtype = torch.float16) -> None:
         if len(source) == 0:
             raise ValueError("source: expected at least one labelled image (N >= 1), got N = 0")
-        if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1:
-            raise ValueError(f"max_pixels: expected a positive integer, got {max_pixels!r}")
+        check_positive_int(max_pixels, "max_pixels")
         self.source, self.num_classes, self.max_pixels = source, int(num_classes), int(max_pixels)
         self.seed, self.ignore_index, self.dtype = seed, ignore_index, dtype
         counts = np.zeros((len(source), self.num_classes), dtype=np.int64)

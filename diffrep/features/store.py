@@ -7,7 +7,6 @@ Nothing here ever holds more than one chunk in memory.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .._atomic import atomic_path, atomic_write_bytes
+from ..digests import json_digest
 
 MANIFEST = "manifest.json"
 
@@ -41,8 +41,7 @@ def open_chunk(path: str | os.PathLike) -> Iterator[Any]:
 
 def fingerprint_key(fingerprint: Mapping[str, Any]) -> str:
     """A short stable hash of a JSON-able fingerprint."""
-    text = json.dumps(fingerprint, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return json_digest(fingerprint)
 
 
 class FeatureStore:

@@ -24,17 +24,18 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ..errors import as_numpy, check_positive_int
+
 
 def _as_numpy(X: Any) -> Any:
-    """Torch tensors (any dtype/device) become numpy arrays; everything else passes unchanged."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a hard dependency of diffrep
+    """Torch tensors (any dtype/device) become numpy arrays (``errors.as_numpy``; half precision as float32);
+    everything else (lists, arrays) passes unchanged for sklearn to validate."""
+    import torch
+
+    if not isinstance(X, torch.Tensor):
         return X
-    if isinstance(X, torch.Tensor):
-        X = X.detach().cpu()
-        return (X.float() if X.dtype in (torch.float16, torch.bfloat16) else X).numpy()
-    return X
+    X = as_numpy(X, "X")
+    return X.astype(np.float32) if X.dtype == np.float16 else X
 
 
 class LinearProbe(ClassifierMixin, BaseEstimator):
@@ -71,8 +72,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     def _build(self) -> Pipeline:
         if not (isinstance(self.C, (int, float, np.number)) and not isinstance(self.C, bool) and self.C > 0):
             raise ValueError(f"C: expected a positive number, got {self.C!r}")
-        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, (int, np.integer)) or self.max_iter < 1:
-            raise ValueError(f"max_iter: expected a positive integer, got {self.max_iter!r}")
+        check_positive_int(self.max_iter, "max_iter")
         steps = [("scale", StandardScaler() if self.standardise else "passthrough"),
                  ("logreg", LogisticRegression(C=float(self.C), max_iter=int(self.max_iter), tol=self.tol,
                                                solver=self.solver, class_weight=self.class_weight,

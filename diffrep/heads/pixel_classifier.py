@@ -26,6 +26,7 @@ from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 from torch import nn
 
+from ..errors import check_positive_int
 from ..features.pixel_store import ArrayPixels, BalancedPixelSampler, PixelSource, check_pixel_labels
 from ..persistence import CONFIG_NAME, STATE_NAME
 from .label_maps import check_label_classes, segmentation_metrics
@@ -138,9 +139,7 @@ class PixelClassifier(BaseEstimator):
     # ------------------------------------------------------------------------------------- checks
     def _check_params(self) -> None:
         for name in ("n_members", "epochs", "batch_size", "max_pixels_in_memory", "predict_batch_pixels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+            check_positive_int(getattr(self, name), name)
         if self.vote not in VOTES:
             raise ValueError(f"vote: expected one of {VOTES}, got {self.vote!r}")
         if self.num_classes is not None and (not isinstance(self.num_classes, (int, np.integer)) or self.num_classes < 2):

@@ -18,6 +18,7 @@ import numpy as np
 from sklearn.base import clone
 
 from .._types import FeatureKey
+from ..errors import check_positive_int
 from .linear_probe import LinearProbe, _as_numpy
 
 Keys = tuple[FeatureKey, ...]
@@ -57,8 +58,7 @@ def carve_validation(n: int, fraction: float = 0.1, seed: int = 0,
     """
     from sklearn.model_selection import train_test_split
 
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
-        raise ValueError(f"n: expected an integer >= 2, got {n!r}")
+    check_positive_int(n, "n", minimum=2)
     if not (isinstance(fraction, (float, int)) and 0 < fraction < 1):
         raise ValueError(f"fraction: expected a number strictly between 0 and 1, got {fraction!r}")
     if stratify is not None:
@@ -81,8 +81,7 @@ def sample_per_class(y: Any, k: int, seed: int = 0) -> np.ndarray:
     Raises ValueError naming the class when a class has fewer than ``k`` samples.
     """
     y = _check_labels(y, "y")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"labels_per_class: expected a positive integer, got {k!r}")
+    check_positive_int(k, "labels_per_class")
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(y, return_counts=True)
     short = {c.item(): int(m) for c, m in zip(classes, counts) if m < k}

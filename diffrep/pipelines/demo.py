@@ -6,12 +6,12 @@ slices and writes the features, a JSON summary and a figure.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
+from .._atomic import atomic_savefig, atomic_write_json
 from ..backbones import Backbone, load_backbone, zoo_names
 from ..features import FeatureExtractor, upsample_concat
 
@@ -60,7 +60,7 @@ def run_demo(out_dir: str | Path, timesteps: tuple[int, ...] = (50, 150, 250)) -
         "outputs": {"features": str(feature_file), "figure": str(out_dir / "features.png"), "summary": str(out_dir / "summary.json")},
     }
     _figure(images, descriptors, out_dir / "features.png")
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out_dir / "summary.json", summary)
     return summary
 
 
@@ -87,5 +87,5 @@ def _figure(images: torch.Tensor, descriptors: torch.Tensor, path: Path) -> None
     axes[0, 0].set_title("input", fontsize=9, loc="left")
     axes[1, 0].set_title("feature PCA", fontsize=9, loc="left")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_savefig(fig, path, dpi=100)
     plt.close(fig)

@@ -28,7 +28,8 @@ from sklearn.base import clone
 from .._types import FeatureKey
 from ..backbones.backbone import Backbone
 from ..features.aggregate import check_pool_grid
-from ..features.cache import DEFAULT_CACHE_DIR, backbone_identity, cached_pooled_features
+from ..digests import backbone_identity
+from ..features.cache import DEFAULT_CACHE_DIR, cached_pooled_features
 from ..heads.linear_probe import LinearProbe
 from ..heads.selection import (
     SelectionResult, carve_validation, default_concatenations, key_name, sample_per_class, select_node_timestep,

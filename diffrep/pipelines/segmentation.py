@@ -18,7 +18,8 @@ import torch
 from .._types import FeatureKey
 from ..backbones import Backbone, load_backbone
 from ..features import FeatureExtractor, upsample_concat
-from ..features.pixel_store import PixelStore, backbone_digest, build_pixel_store
+from ..digests import backbone_identity
+from ..features.pixel_store import PixelStore, build_pixel_store
 from ..heads import PixelClassifier
 
 DEFAULT_TIMESTEPS = (50, 150, 250)
@@ -68,7 +69,7 @@ def fit_segmentation_head(backbone: Backbone, images: torch.Tensor, labels: Any,
     clf = PixelClassifier(num_classes=num_classes, n_members=members, epochs=epochs, batch_size=batch_size, lr=lr,
                           max_pixels_in_memory=max_pixels, vote=vote, ignore_index=ignore_index,
                           random_state=seed).fit(store)
-    metadata = {"backbone": str(backbone_name), "backbone_digest": backbone_digest(backbone),
+    metadata = {"backbone": str(backbone_name), "backbone_digest": backbone_identity(backbone),
                 "nodes": list(extractor.nodes), "timesteps": list(extractor.timesteps), "noise": str(extractor.noise),
                 "seed": extractor.seed, "image_shape": list(images.shape[2:]), "store": str(store.path),
                 "noise_levels": {str(t): backbone.noise_level(t) for t in extractor.timesteps}}
@@ -85,7 +86,7 @@ def load_segmentation_head(head_dir: str | os.PathLike,
     if missing:
         raise ValueError(f"{head_dir}: expected a head saved by `diffrep segment fit`, its metadata lacks {missing}")
     model = load_backbone(backbone or meta["backbone"])
-    digest = backbone_digest(model)
+    digest = backbone_identity(model)
     if meta.get("backbone_digest") and digest != meta["backbone_digest"]:
         raise ValueError(f"backbone: expected weights with digest {meta['backbone_digest']} (the one the head was "
                          f"fitted on), got {digest}")

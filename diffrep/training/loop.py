@@ -19,9 +19,11 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from .._atomic import atomic_write_json
 from ..backbones.backbone import Backbone
 from ..backbones.checkpoint import save_backbone
 from ..config import to_dict
+from ..errors import check_positive_int
 from .config import TrainConfig, check_data_fits
 from .data import TrainingData, build_training_data
 from ..distributed import DistContext, barrier, init_distributed, shutdown
@@ -79,8 +81,8 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, max_st
     """
     config.validate()
     for key, value in (("max_steps (--max-steps)", max_steps), ("num_threads (--threads)", num_threads)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{key}: expected an integer >= 1, got {value!r}")
+        if value is not None:
+            check_positive_int(value, key)
     out_dir = Path(out_dir)
     if not resume:
         refuse_existing_run(out_dir)
@@ -203,9 +205,9 @@ def _export(config: TrainConfig, backbone: Backbone, ema: ModelEmaV3, fresh_stat
     }
     trained.config.provenance = provenance
     save_backbone(trained, export_dir)
-    (out_dir / "heldout_losses.json").write_text(json.dumps(
-        {"trained_ema": provenance["heldout_loss"], "fresh_init": provenance["heldout_loss_fresh_init"],
-         "noise_level": {str(t): trained.noise_level(t) for t in config.eval_timesteps}, "steps": step}, indent=2))
+    atomic_write_json(out_dir / "heldout_losses.json",
+                      {"trained_ema": provenance["heldout_loss"], "fresh_init": provenance["heldout_loss_fresh_init"],
+                       "noise_level": {str(t): trained.noise_level(t) for t in config.eval_timesteps}, "steps": step})
     write_loss_curve(records, out_dir / "loss_curve.png", title=f"{config.name}: training loss")
     spatial = tuple(data.images.shape[2:])
     write_sample_grid(trained, spatial, out_dir / "samples.png", steps=config.sample_steps, seed=config.seed,

@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
+from .._atomic import atomic_savefig  # noqa: E402
 from ..backbones.backbone import Backbone  # noqa: E402
 from ..sampling import ddim_sample  # noqa: E402
 
@@ -23,7 +24,7 @@ def write_loss_curve(records: list[dict], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_savefig(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -39,5 +40,5 @@ def write_sample_grid(backbone: Backbone, spatial: tuple[int, ...], path: Path, 
     ax.set_title(title, fontsize=9)
     ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_savefig(fig, path, dpi=100)
     plt.close(fig)
