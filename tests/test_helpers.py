@@ -75,6 +75,29 @@ def test_check_label_range_is_the_value_check_of_both_label_validators():
             check()
 
 
+# ------------------------------------------------------------------------------------------ pooling, augmentation
+def test_pool_to_is_the_one_adaptive_pooling():
+    from diffrep.features.aggregate import pool_map, pool_to
+
+    x = torch.rand(2, 3, 8, 8)
+    np.testing.assert_allclose(pool_to(x, (2, 2)), torch.nn.functional.adaptive_avg_pool2d(x, 2))
+    assert torch.equal(pool_map(x, 2), pool_to(x, (2, 2)).flatten(1))
+    with pytest.raises(ValueError, match=r"feature map: expected \(N, C, \*spatial\) with 1-3 spatial dims"):
+        pool_to(torch.rand(1, 1, 2, 2, 2, 2), (1, 1, 1, 1))
+    sources = _sources("diffrep")
+    assert [n for n, t in sources.items() if "adaptive_avg_pool" in t] == ["diffrep/features/aggregate.py"]
+
+
+def test_one_brain_augment_adapter():
+    from diffrep.anomaly import brain_augment as from_anomaly
+    from diffrep.data.augment import brain_augment
+
+    assert from_anomaly is brain_augment
+    sources = _sources("diffrep")
+    assert [n for n, t in sources.items() if t.count("augment_batch(") > t.count("def augment_batch(")] \
+        == ["diffrep/data/augment.py"]
+
+
 # ------------------------------------------------------------------------------------------ digests
 def test_array_digest_is_shape_dtype_and_values_and_agrees_for_tensors_and_arrays():
     a = np.arange(12, dtype=np.float32).reshape(3, 4)

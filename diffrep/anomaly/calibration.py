@@ -21,8 +21,8 @@ from scipy import ndimage
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
-from .base import AnomalyScorer
 from ..errors import check_positive_int
+from .base import AnomalyScorer
 from .postprocess import check_masks
 
 

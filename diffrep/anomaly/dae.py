@@ -13,30 +13,16 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..errors import as_float_images
+from ..data.augment import Augment, brain_augment  # noqa: F401  (re-exported by diffrep.anomaly)
+from ..errors import as_float_images, check_positive_int
 from .base import AnomalyScorer
-from ..errors import check_positive_int
 from .postprocess import check_masks
-
-Augment = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
-
-
-def brain_augment(prob: float = 0.5) -> Augment:
-    """An ``augment(images, masks, seed) -> (images, masks)`` callable built on diffrep.data.augment."""
-    from ..data.augment import augment_batch, brain_augmentation
-
-    def augment(images: torch.Tensor, masks: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.long)
-        out, out_masks, _ = augment_batch(brain_augmentation(seed % 2**31, prob), images, masks.bool(), labels)
-        return out, out_masks.float()
-
-    return augment
 
 
 class DAEScorer(AnomalyScorer):

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 from ..backbones.backbone import Backbone
 from ..features import FeatureExtractor, NoisePolicy, upsample_concat
-from .base import AnomalyScorer, check_choice
+from ..features.aggregate import pool_to
 from ..errors import check_positive_int
+from .base import AnomalyScorer, check_choice
 from .postprocess import check_masks
 
 METHODS = ("knn", "gaussian")
@@ -39,8 +40,7 @@ def _pooled(features: dict, size: tuple[int, ...]) -> torch.Tensor:
     for value in features.values():
         value = value.float()
         if all(s >= g for s, g in zip(value.shape[2:], size)):
-            pool = F.adaptive_avg_pool2d if value.ndim == 4 else F.adaptive_avg_pool3d
-            out.append(pool(value, size))
+            out.append(pool_to(value, size))
         else:
             out.append(F.interpolate(value, size=size, mode="bilinear" if value.ndim == 4 else "trilinear",
                                      align_corners=False))

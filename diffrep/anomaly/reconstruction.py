@@ -34,8 +34,8 @@ import torch
 
 from ..backbones.backbone import Backbone
 from ..diffusion import ddim_timesteps
-from .base import AnomalyScorer, check_choice
 from ..errors import check_positive_int
+from .base import AnomalyScorer, check_choice
 
 REVERSE_MODES = ("ddpm", "ddim", "x0")
 NOISE_KINDS = ("gaussian", "simplex")

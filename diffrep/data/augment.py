@@ -1,13 +1,15 @@
 """Joint, seeded augmentation of 2D brain slices (image + mask + label) with MONAI dict transforms."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..errors import as_tensor as _as_tensor
 
 _KEYS = ("image", "mask", "label")
+
+Augment = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 def brain_augmentation(seed: int = 0, prob: float = 0.5) -> Any:
@@ -63,3 +65,16 @@ def augment_batch(transform: Any, images: Any, masks: Any, labels: Any,
         out_m.append(m)
         out_l.append(l_ * m[0])
     return torch.stack(out_i), torch.stack(out_m), torch.stack(out_l)
+
+
+def brain_augment(prob: float = 0.5) -> Augment:
+    """An ``augment(images, masks, seed) -> (images, masks float)`` callable: :func:`brain_augmentation`
+    seeded with ``seed`` applied by :func:`augment_batch` to a batch without labels. The adapter used by
+    DDPM training on brain slices and by the DAE scorer."""
+
+    def augment(images: torch.Tensor, masks: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.long)
+        out, out_masks, _ = augment_batch(brain_augmentation(seed % 2**31, prob), images, masks.bool(), labels)
+        return out, out_masks.float()
+
+    return augment

@@ -44,10 +44,15 @@ def pool_map(feature_map: torch.Tensor, grid: int = 1) -> torch.Tensor:
     x = feature_map.float()
     if grid == 1:
         return x.flatten(2).mean(dim=2)
-    pooling = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}.get(x.ndim - 2)
+    return pool_to(x, (grid,) * (x.ndim - 2)).flatten(1)
+
+
+def pool_to(feature_map: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Adaptive average pooling of an (N, C, *spatial) map (1-3 spatial dims) to (N, C, *size)."""
+    pooling = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}.get(feature_map.ndim - 2)
     if pooling is None:
-        raise ValueError(f"feature map: expected (N, C, *spatial) with 1-3 spatial dims, got {tuple(x.shape)}")
-    return pooling(x, grid).flatten(1)
+        raise ValueError(f"feature map: expected (N, C, *spatial) with 1-3 spatial dims, got {tuple(feature_map.shape)}")
+    return pooling(feature_map, tuple(size))
 
 
 def pool(features: Mapping[FeatureKey, torch.Tensor], keys: Sequence[FeatureKey] | None = None,

@@ -64,15 +64,15 @@ def build_training_data(config: DataConfig, seed: int) -> TrainingData:
                          "heldout": f"first {config.heldout_size} test images", "pad_to": config.pad_to},
         )
     if config.dataset == "brain":
-        from ..data.brain import augment_batch, brain_augmentation, load_brain_split
+        from ..data.augment import brain_augment
+        from ..data.brain import load_brain_split
 
         train = load_brain_split("train", size=config.size, volumes=config.path)
         val = load_brain_split("val", size=config.size, volumes=config.path)
+        augment = brain_augment()
+
         def augment_images(images: torch.Tensor, masks: torch.Tensor, batch_seed: int) -> torch.Tensor:
-            transform = brain_augmentation(batch_seed % (2**31))
-            labels = torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.long)
-            out, _, _ = augment_batch(transform, images, masks, labels)
-            return out
+            return augment(images, masks, batch_seed)[0]
         return TrainingData(
             images=torch.as_tensor(train.images).float(),
             heldout=torch.as_tensor(val.images).float(),
