@@ -251,10 +251,10 @@ def load_brain_slices(size: int = 64, volumes: VolumeSpec | Sequence[VolumeSpec]
     volume is not skull-stripped), labels from 3-class multi-Otsu on intensities inside the mask
     (dark = CSF, mid = GM, bright = WM): a crude estimate.
 
-    Geometry: axial slices along z of the RAS-reoriented volume; every slice of a volume is cut to
-    the same square around the brain's bounding box (+4 voxel margin, zero padding), then resized
-    (image: antialiased bilinear; labels: antialiased one-hot then argmax, a majority vote; mask =
-    label > 0). Intensities: the 1st..99th percentile of T1 inside the mask maps to 0..1, clipped,
+    Geometry (:mod:`diffrep.data.slicing`, shared with volume scoring): axial slices along z of the
+    RAS-reoriented volume; every slice of a volume is cut to the same square around the brain's
+    bounding box (+4 voxel margin, zero padding), then resized (image: antialiased bilinear; labels:
+    the one rule for label maps, antialiased one-hot then argmax, a majority vote; mask = label > 0). Intensities: the 1st..99th percentile of T1 inside the mask maps to 0..1, clipped,
     0 outside the mask. Slices are kept when the mask covers >= ``min_brain_fraction`` of the
     resized slice and z lies in ``slice_range`` ((lo, hi) half-open, or a list of them).
     Results are cached per volume file and size; returned arrays are fresh copies.
