@@ -9,6 +9,9 @@ import pytest
 
 from diffrep.anomaly import AnomalyScorer, ReconstructionScorer, score_volume
 from diffrep.cli.anomaly import add_anomaly_cli
+from diffrep.data.brain import normalise_intensities
+from diffrep.data.nifti import read_nifti
+from diffrep.data.slicing import crop_box
 from diffrep.errors import as_float_images
 from tests.conftest import make_backbone
 from tests.test_anomaly_scorers import live_backbone
@@ -82,6 +85,16 @@ def test_geometry_round_trip(tmp_path, volume):
     assert np.corrcoef(back[inner], expected[inner])[0, 1] > 0.9  # same voxels, same order, same orientation
 
 
+def test_map_at_the_crop_size_is_the_scored_slices_pasted_back_exactly(tmp_path, volume):
+    """size = the crop's side: nothing is interpolated, so the map is the normalised scan voxel for voxel."""
+    t1, mask_path, _, mask = volume
+    side = crop_box(read_nifti(mask_path, "mask").data != 0)[2]
+    out = score_volume(ImageAsMap(), t1, tmp_path / "map.nii.gz", mask_path=mask_path, size=side, progress=False)
+    saved = nib.load(str(t1)).get_fdata(dtype=np.float32)
+    expected, _, _ = normalise_intensities(saved, mask)
+    np.testing.assert_array_equal(nib.load(str(out)).get_fdata(dtype=np.float32), expected)
+
+
 @pytest.mark.parametrize("case,match", [
     ("mask_shape", r"\(40, 48, 12\).*\(40, 48, 10\)"), ("4d", r"3D.*\(40, 48, 12, 2\)"),
     ("zeros", "all-zero"), ("nan", "3 NaN"), ("suffix", r"\.nii"),
@@ -115,7 +128,9 @@ def test_cli_anomaly_score(tmp_path, volume):
                               str(tmp_path / "m.nii.gz"), "--mask", str(mask_path), "--reverse", "ddim",
                               "--steps", "2", "--noise-level", "20", "--size", "16", "--quiet"])
     assert args.func(args) == 0
-    assert nib.load(str(tmp_path / "m.nii.gz")).shape == SHAPE
+    src, res = nib.load(str(t1)), nib.load(str(tmp_path / "m.nii.gz"))
+    assert res.shape == SHAPE and np.array_equal(res.affine, src.affine)  # the input's grid and affine
+    assert res.header.get_zooms() == src.header.get_zooms() and res.header["qform_code"] == src.header["qform_code"]
     with pytest.raises(SystemExit):
         parser.parse_args(["anomaly", "score", "--backbone", "x", "in.nii", "--out", "o.nii", "--reverse", "bogus"])
 

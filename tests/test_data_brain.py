@@ -142,6 +142,15 @@ def test_mni152_splits():
         assert (s.masks.mean(axis=(1, 2, 3)) >= 0.05).all()
         seen[name] = set(s.slice_index.tolist())
     assert len(splits["train"]) > len(splits["test"]) > 0 and len(splits["train"]) > len(splits["val"])
+    # the slices the shipped brain-ddpm was trained on: same indices, same masks and labels, pixel for pixel
+    expected = {"train": ([*range(11, 60), *range(106, 150)], 109788, [271140, 7272, 73728, 28788]),
+                "val": (list(range(64, 78)), 32396, [24948, 1882, 18384, 12130]),
+                "test": (list(range(82, 102)), 44094, [37826, 2352, 21222, 20520])}
+    for name, (indices, brain_pixels, label_counts) in expected.items():
+        s = splits[name]
+        assert s.slice_index.tolist() == indices and int(s.masks.sum()) == brain_pixels
+        assert np.bincount(s.labels.ravel(), minlength=4).tolist() == label_counts
+    assert abs(float(splits["test"].images.astype(np.float64).sum()) - 31123.7100) < 1e-2
     names = list(seen)
     for i, a in enumerate(names):
         for b in names[i + 1:]:

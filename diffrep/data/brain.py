@@ -14,10 +14,11 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage as ndi
 
 from .augment import augment_batch, brain_augmentation  # noqa: F401  (public re-export)
+from .nifti import load_volume  # noqa: F401  (public re-export)
+from .slicing import SliceGeometry, volume_to_slices
 
 LABEL_NAMES: tuple[str, ...] = ("background", "csf", "gm", "wm")
 NUM_CLASSES = len(LABEL_NAMES)
@@ -109,30 +110,6 @@ def find_mni152() -> dict[str, Path]:
     return paths
 
 
-def load_volume(path: PathLike, canonical: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Load a 3D NIfTI as ``(float32 array (X, Y, Z), 4x4 affine)``, reoriented to RAS if ``canonical``.
-
-    A trailing singleton 4th dimension is dropped; any other non-3D image raises ValueError.
-    """
-    import nibabel as nib
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"NIfTI volume not found: {path}")
-    try:
-        img = nib.load(str(path))
-    except Exception as exc:  # nibabel raises ImageFileError and friends
-        raise ValueError(f"{path}: expected a readable NIfTI volume, got an error from nibabel: {exc}") from exc
-    shape = img.shape
-    if len(shape) == 4 and shape[3] == 1:
-        img = img.slicer[..., 0]
-    elif len(shape) != 3:
-        raise ValueError(f"{path}: expected a 3D volume, got shape {shape}")
-    if canonical:
-        img = nib.as_closest_canonical(img)
-    return img.get_fdata(dtype=np.float32), np.asarray(img.affine, dtype=np.float64)
-
-
 def _largest_component(mask: np.ndarray) -> np.ndarray:
     lab, n = ndi.label(mask)
     if n <= 1:
@@ -149,8 +126,13 @@ def _tissue_map(path: PathLike) -> np.ndarray:
     return np.clip(prob, 0.0, 1.0)
 
 
-def _derive(t1: np.ndarray, gm: np.ndarray | None, wm: np.ndarray | None, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Brain mask (bool) and labels (uint8) for one volume; see load_brain_slices for the recipe."""
+def derive_brain_mask(t1: np.ndarray, gm: np.ndarray | None = None, wm: np.ndarray | None = None,
+                      name: str = "volume") -> tuple[np.ndarray, np.ndarray]:
+    """Brain mask (bool) and tissue labels (uint8, 0 outside the mask) of a RAS T1 volume.
+
+    The recipe (with GM/WM probability maps, or from the T1 alone) is documented in
+    :func:`load_brain_slices`; ``name`` is the file the errors name.
+    """
     if gm is not None and wm is not None:
         if gm.shape != t1.shape or wm.shape != t1.shape:
             raise ValueError(f"{name}: expected GM/WM maps of the T1 shape {t1.shape}, got {gm.shape} and {wm.shape}")
@@ -175,25 +157,30 @@ def _derive(t1: np.ndarray, gm: np.ndarray | None, wm: np.ndarray | None, name: 
     return mask, labels
 
 
-def _crop_box(mask: np.ndarray, margin: int = 4) -> tuple[int, int, int]:
-    """Square (row0, col0, side) around the brain of the whole volume in slice coordinates."""
-    footprint = mask.any(axis=2)[:, ::-1].T  # (Y reversed, X): same layout as the slices
-    rows, cols = np.nonzero(footprint)
-    side = int(max(rows.max() - rows.min(), cols.max() - cols.min())) + 1 + 2 * margin
-    r0 = (int(rows.min()) + int(rows.max())) // 2 - side // 2
-    c0 = (int(cols.min()) + int(cols.max())) // 2 - side // 2
-    return r0, c0, side
+def normalise_intensities(t1: np.ndarray, mask: np.ndarray, name: str = "volume") -> tuple[np.ndarray, float, float]:
+    """(normalised volume, lo, hi): the 1st..99th percentile of ``t1`` inside ``mask`` mapped to 0..1, clipped, 0 outside."""
+    lo, hi = np.percentile(t1[mask], [1.0, 99.0])
+    if hi <= lo:
+        raise ValueError(f"{name}: expected varying intensities inside the brain mask, got 1st..99th percentile {lo}..{hi}")
+    norm = np.clip((t1 - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    norm[~mask] = 0.0
+    return norm, float(lo), float(hi)
 
 
-def _slices(vol: np.ndarray, box: tuple[int, int, int]) -> np.ndarray:
-    """(Z, side, side) axial slices of a (X, Y, Z) volume cropped/zero-padded to the box."""
-    stack = np.transpose(vol[:, ::-1, :], (2, 1, 0))
-    r0, c0, side = box
-    out = np.zeros((stack.shape[0], side, side), stack.dtype)
-    rs, cs = max(r0, 0), max(c0, 0)
-    re, ce = min(r0 + side, stack.shape[1]), min(c0 + side, stack.shape[2])
-    out[:, rs - r0:re - r0, cs - c0:ce - c0] = stack[:, rs:re, cs:ce]
-    return out
+def slice_brain(t1: np.ndarray, mask: np.ndarray, size: int, labels: np.ndarray | None = None,
+                name: str = "volume") -> tuple[np.ndarray, np.ndarray, SliceGeometry, tuple[float, float]]:
+    """Axial training-style slices of a RAS T1 volume: (images, label slices, geometry, (lo, hi)).
+
+    Intensities normalised as :func:`normalise_intensities`, cut and resized by
+    :func:`diffrep.data.slicing.volume_to_slices` (images bilinear, ``labels`` (0..3) or else the
+    mask (0/1) by majority vote); images are clipped to [0, 1] and 0 where the resized label is 0.
+    The geometry takes slice maps back onto the volume (:func:`diffrep.data.slicing.slices_to_volume`).
+    """
+    norm, lo, hi = normalise_intensities(t1, mask, name)
+    num_classes = 2 if labels is None else NUM_CLASSES
+    images, lab, geometry = volume_to_slices(norm, mask, axis=2, size=size, labels=labels, num_classes=num_classes)
+    images = np.clip(images, 0.0, 1.0) * (lab > 0)[:, None]
+    return images.astype(np.float32), lab, geometry, (lo, hi)
 
 
 @functools.lru_cache(maxsize=8)
@@ -202,23 +189,11 @@ def _process_volume(t1_path: str, gm_path: str | None, wm_path: str | None, size
     t1, _ = load_volume(t1_path)
     gm = _tissue_map(gm_path) if gm_path else None
     wm = _tissue_map(wm_path) if wm_path else None
-    mask, labels = _derive(t1, gm, wm, t1_path)
-    inside = t1[mask]
-    lo, hi = np.percentile(inside, [1.0, 99.0])
-    if hi <= lo:
-        raise ValueError(f"{t1_path}: expected varying intensities inside the brain mask, got 1st..99th percentile {lo}..{hi}")
-    norm = np.clip((t1 - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
-    norm[~mask] = 0.0
-    box = _crop_box(mask)
-    img = torch.from_numpy(_slices(norm, box)).unsqueeze(1)
-    onehot = F.one_hot(torch.from_numpy(_slices(labels, box)).long(), NUM_CLASSES).permute(0, 3, 1, 2).float()
-    img = F.interpolate(img, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    onehot = F.interpolate(onehot, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    lab = onehot.argmax(1).numpy().astype(np.int64)  # majority vote over the area each pixel covers
+    mask, labels = derive_brain_mask(t1, gm, wm, t1_path)
+    images, lab, geometry, (lo, hi) = slice_brain(t1, mask, size, labels, t1_path)
     msk = lab > 0
-    images = np.clip(img.numpy(), 0.0, 1.0) * msk[:, None]
-    result = {"images": images.astype(np.float32), "masks": msk[:, None], "labels": lab,
-              "fraction": msk.mean(axis=(1, 2)), "percentiles": np.array([lo, hi]), "box": np.array(box)}
+    result = {"images": images, "masks": msk[:, None], "labels": lab,
+              "fraction": msk.mean(axis=(1, 2)), "percentiles": np.array([lo, hi]), "box": np.array(geometry.box)}
     for arr in result.values():
         arr.flags.writeable = False
     return result
@@ -274,10 +249,10 @@ def load_brain_slices(size: int = 64, volumes: VolumeSpec | Sequence[VolumeSpec]
     volume is not skull-stripped), labels from 3-class multi-Otsu on intensities inside the mask
     (dark = CSF, mid = GM, bright = WM): a crude estimate.
 
-    Geometry: axial slices along z of the RAS-reoriented volume; every slice of a volume is cut to
-    the same square around the brain's bounding box (+4 voxel margin, zero padding), then resized
-    (image: antialiased bilinear; labels: antialiased one-hot then argmax, a majority vote; mask =
-    label > 0). Intensities: the 1st..99th percentile of T1 inside the mask maps to 0..1, clipped,
+    Geometry (:mod:`diffrep.data.slicing`, shared with volume scoring): axial slices along z of the
+    RAS-reoriented volume; every slice of a volume is cut to the same square around the brain's
+    bounding box (+4 voxel margin, zero padding), then resized (image: antialiased bilinear; labels:
+    the one rule for label maps, antialiased one-hot then argmax, a majority vote; mask = label > 0). Intensities: the 1st..99th percentile of T1 inside the mask maps to 0..1, clipped,
     0 outside the mask. Slices are kept when the mask covers >= ``min_brain_fraction`` of the
     resized slice and z lies in ``slice_range`` ((lo, hi) half-open, or a list of them).
     Results are cached per volume file and size; returned arrays are fresh copies.
