@@ -57,3 +57,12 @@ def tiny_backbone(request) -> Backbone:
 @pytest.fixture
 def backbone_2d() -> Backbone:
     return make_backbone("2d-3level-attn")
+
+
+def free_port() -> int:
+    """A TCP port free right now, for torchrun's rendezvous (fixed ports clash when test runs share a machine)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from diffrep import FeatureExtractor
 from diffrep.features.io import extract_to_file, save_features
 
-from .conftest import make_backbone, make_images
+from .conftest import free_port, make_backbone, make_images
 
 NODES, TIMESTEPS = ["down.1", "mid", "up.2"], [10, 300]
 
@@ -143,8 +143,8 @@ def test_torchrun_two_processes_write_the_same_file_and_finish_a_single_process_
     monkeypatch.setattr(FeatureExtractor, "__call__", original)
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    for name, port in (("two.safetensors", "29531"), ("resumed.safetensors", "29532")):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+    for name in ("two.safetensors", "resumed.safetensors"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                "-m", "diffrep.cli", *args, "--out", str(tmp_path / name)]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]

@@ -18,7 +18,7 @@ from diffrep.training import TrainConfig, load_train_config, train
 from diffrep.training.config import DataConfig, OptimConfig
 from diffrep.backbones import BackboneConfig
 
-from .conftest import TINY_CONFIGS
+from .conftest import TINY_CONFIGS, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,7 +125,7 @@ def test_torchrun_two_cpu_processes_matches_single_process(tmp_path):
     recipe = to_dict(tiny_recipe(max_steps=4))
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "diffrep.cli", "train", "--config", str(tmp_path / "tiny.yaml"), "--out", str(tmp_path / "ddp"),
            "--threads", "1"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
