@@ -68,7 +68,7 @@ def main() -> None:
 
     extract_all = FeatureExtractor(backbone, nodes_all, [t], batch_size=args.batch, early_exit=False)
     extract_early = FeatureExtractor(backbone, encoder, [t], batch_size=args.batch)
-    batched = FeatureExtractor(backbone, decoder, ts, batch_size=args.batch * args.k)
+    batched = FeatureExtractor(backbone, decoder, ts, batch_size=args.batch)
     separate = FeatureExtractor(backbone, decoder, ts, batch_size=args.batch, batch_timesteps=False)
     timings = interleaved_medians({
         "bare_forward": bare,

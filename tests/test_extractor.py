@@ -46,25 +46,25 @@ def test_same_seed_same_features_bit_for_bit(tiny_backbone):
 def test_identical_batching_is_bit_for_bit_whatever_the_nodes_and_early_exit(tiny_backbone):
     """Same seed, images, batch_size, batch_timesteps and timestep list: equal bit for bit."""
     images = make_images(tiny_backbone, n=5)
-    reference = FeatureExtractor(tiny_backbone, tiny_backbone.node_names, [10, 500], seed=3, batch_size=4,
+    reference = FeatureExtractor(tiny_backbone, tiny_backbone.node_names, [10, 500], seed=3, batch_size=2,
                                  early_exit=False)(images)
     for nodes in (["down.0"], ["down.1", "mid"], tiny_backbone.node_names):
         for early_exit in (True, False):
-            again = FeatureExtractor(tiny_backbone, nodes, [10, 500], seed=3, batch_size=4, early_exit=early_exit)(images)
+            again = FeatureExtractor(tiny_backbone, nodes, [10, 500], seed=3, batch_size=2, early_exit=early_exit)(images)
             assert set(again) == {FeatureKey(n, t) for n in nodes for t in (10, 500)}
             assert all(torch.equal(again[k], reference[k]) for k in again), (nodes, early_exit)
 
 
 @pytest.mark.parametrize("other", [
     dict(timesteps=[10, 500], batch_size=1, batch_timesteps=False),  # one row per forward
-    dict(timesteps=[10, 500], batch_size=3),  # chunks of one image, two timesteps
+    dict(timesteps=[10, 500], batch_size=1),  # chunks of one image, two timesteps
     dict(timesteps=[10], batch_size=64),  # another timestep list: fewer rows per forward
-    dict(timesteps=[500, 10, 250], batch_size=64, early_exit=True),  # another list and order, early exit
+    dict(timesteps=[500, 10, 250], batch_size=21, early_exit=True),  # another list and order, early exit
 ])
 def test_other_batching_agrees_within_the_stated_tolerance(tiny_backbone, other):
     images = make_images(tiny_backbone, n=5)
     nodes = tiny_backbone.node_names
-    reference = FeatureExtractor(tiny_backbone, nodes, [10, 500], seed=3, batch_size=64)(images)
+    reference = FeatureExtractor(tiny_backbone, nodes, [10, 500], seed=3, batch_size=32)(images)
     other = dict(other)
     features = FeatureExtractor(tiny_backbone, nodes, other.pop("timesteps"), seed=3, **other)(images)
     common = [k for k in features if k in reference]
@@ -170,10 +170,25 @@ def test_early_exit_skips_the_decoder(backbone_2d):
     assert calls == []
 
 
+@pytest.mark.parametrize("batch_timesteps", [True, False])
+def test_batch_size_counts_images_per_chunk_whatever_the_timesteps(tiny_backbone, monkeypatch, batch_timesteps):
+    """batch_size is images per chunk: 5 images, batch_size 2 and 3 timesteps make chunks of 2, 2, 1 images;
+    a forward holds a chunk's images x all timesteps (batched) or x one timestep (separate)."""
+    images = make_images(tiny_backbone, n=5)
+    extractor = FeatureExtractor(tiny_backbone, ["mid"], [10, 250, 500], batch_size=2, batch_timesteps=batch_timesteps)
+    assert list(extractor.chunks(5)) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    rows, original = [], FeatureExtractor._forward
+    monkeypatch.setattr(FeatureExtractor, "_forward", lambda self, x_t, t: rows.append(x_t.shape[0]) or original(self, x_t, t))
+    features = extractor(images)
+    assert rows == ([6, 6, 3] if batch_timesteps else [2, 2, 2, 2, 2, 2, 1, 1, 1])
+    assert [index for index, _ in extractor.iter_batches(images)] == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert features[FeatureKey("mid", 10)].shape[0] == 5
+
+
 def test_batched_timesteps_and_batch_size_agree_with_reference(backbone_2d):
     images = make_images(backbone_2d, n=5)
     nodes = ["down.1", "up.1"]
-    batched = FeatureExtractor(backbone_2d, nodes, [5, 250, 750], batch_size=64)(images)
+    batched = FeatureExtractor(backbone_2d, nodes, [5, 250, 750], batch_size=21)(images)
     separate = FeatureExtractor(backbone_2d, nodes, [5, 250, 750], batch_timesteps=False, batch_size=2)(images)
     for key in batched:
         torch.testing.assert_close(batched[key], separate[key], **BATCHING_TOLERANCE)

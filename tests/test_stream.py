@@ -53,7 +53,7 @@ def test_a_killed_run_resumes_with_only_the_missing_chunks_and_identical_bytes(t
     backbone = make_backbone("2d-2level")
     images = make_images(backbone, n=9)
     target = tmp_path / "out.safetensors"
-    clean = extract_to_file(backbone, images, NODES[:2], TIMESTEPS, tmp_path / "clean.safetensors", batch_size=4)
+    clean = extract_to_file(backbone, images, NODES[:2], TIMESTEPS, tmp_path / "clean.safetensors", batch_size=2)
 
     calls = []
     original = FeatureExtractor.__call__
@@ -66,12 +66,12 @@ def test_a_killed_run_resumes_with_only_the_missing_chunks_and_identical_bytes(t
 
     monkeypatch.setattr(FeatureExtractor, "__call__", dies_at_third)
     with pytest.raises(KeyboardInterrupt):
-        extract_to_file(backbone, images, NODES[:2], TIMESTEPS, target, batch_size=4)
+        extract_to_file(backbone, images, NODES[:2], TIMESTEPS, target, batch_size=2)
     assert not target.exists() and (tmp_path / "out.safetensors.partial").is_file()
     calls.clear()
     monkeypatch.setattr(FeatureExtractor, "__call__", lambda self, batch: calls.append(len(batch)) or original(self, batch))
-    extract_to_file(backbone, images, NODES[:2], TIMESTEPS, target, batch_size=4)
-    assert calls == [2, 2, 1]  # chunks of 2 images (batch 4 rows / 2 timesteps): only chunks 2, 3, 4 again
+    extract_to_file(backbone, images, NODES[:2], TIMESTEPS, target, batch_size=2)
+    assert calls == [2, 2, 1]  # chunks of batch_size = 2 images (x 2 timesteps per forward): only chunks 2, 3, 4 again
     assert target.read_bytes() == clean.read_bytes()
     assert not list(tmp_path.glob("*.partial*"))
 

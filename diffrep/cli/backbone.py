@@ -94,7 +94,7 @@ def add_extract_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--timesteps", nargs="+", type=int, required=True)
     p.add_argument("--noise", default="shared")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per U-Net forward (each with all --timesteps)")
     p.add_argument("--out", required=True, help="the .safetensors file, written chunk by chunk; an interrupted run "
                                                 "leaves OUT.partial and resumes from it when rerun with the same settings")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage dtype of the features")

@@ -98,7 +98,7 @@ def add_probe_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-iter", type=int, default=1000)
     p.add_argument("--cache-dir", default=None, help="pooled-feature cache (default .cache/features)")
     p.add_argument("--chunk-size", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per U-Net forward")
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
     p.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

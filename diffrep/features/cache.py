@@ -76,7 +76,7 @@ def cached_pooled_features(backbone: Backbone, images: Any, nodes: Iterable[str]
         dataset_id: a readable name for the data (its content digest is part of the key anyway).
         count: return (and compute) only the first ``count`` images (default: all).
         chunk_size: images per stored chunk (the unit of resumption).
-        batch_size: rows per U-Net forward.
+        batch_size: images per U-Net forward (one timestep each, see FeatureExtractor).
         dtype: ``"float16"`` (default; halves disk and memory) or ``"float32"``.
         progress: tqdm bars per timestep.
         pool_grid: 1 = global average pooling (C values per node); g = a g x g average grid

@@ -47,11 +47,13 @@ class FeatureExtractor:
         nodes: node names (see ``backbone.feature_info()``).
         timesteps: integers in 0..T-1 (0 = least noise).
         noise: ``"shared"``, ``"ensemble(k)"`` or ``"none"`` (see NoisePolicy).
-        seed: seed of the noise draws. Same seed, images and batching (``batch_size``,
-            ``batch_timesteps``, ``timesteps``): same features, bit for bit on CPU; ``early_exit``
-            and ``nodes`` do not change them. Other batching changes float32 rounding only
-            (features agree within atol = rtol = 1e-5).
-        batch_size: most rows the U-Net sees in one forward (images x batched timesteps).
+        seed: seed of the noise draws. Same seed, images, ``batch_size`` (images per chunk),
+            ``batch_timesteps`` and ``timesteps``: same features, bit for bit on CPU; ``early_exit``
+            and ``nodes`` do not change them. Another ``batch_size``, ``batch_timesteps`` or timestep
+            list changes float32 rounding only (features agree within atol = rtol = 1e-5).
+        batch_size: images per chunk, the one unit of batching in diffrep. A chunk's forward holds
+            ``batch_size`` x ``len(timesteps)`` rows when ``batch_timesteps``, else ``batch_size``
+            rows per timestep.
         batch_timesteps: put all timesteps of an image chunk into one forward.
         early_exit: stop the forward after the last requested node.
         dtype: dtype of the returned features (float16 halves memory and disk).
@@ -94,10 +96,9 @@ class FeatureExtractor:
             yield index, self._wrap(self._extract_chunk(images[index]))
 
     def chunks(self, count: int) -> Iterator[slice]:
-        """The image slices processed per forward batch (``batch_size`` rows of images x timesteps)."""
-        per_chunk = max(1, self.batch_size // len(self.timesteps)) if self.batch_timesteps else self.batch_size
-        for start in range(0, count, per_chunk):
-            yield slice(start, min(start + per_chunk, count))
+        """The image slices of ``count`` images processed one chunk at a time (``batch_size`` images each)."""
+        for start in range(0, count, self.batch_size):
+            yield slice(start, min(start + self.batch_size, count))
 
     def _wrap(self, features: dict[FeatureKey, torch.Tensor]) -> FeatureDict:
         levels = {t: self.backbone.noise_level(t) for t in self.timesteps}

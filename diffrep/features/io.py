@@ -114,7 +114,8 @@ def extract_to_file(backbone: Backbone, images: Any, nodes: Iterable[str], times
                     out: str | os.PathLike, noise: str = "shared", seed: int = 0, batch_size: int = 64,
                     dtype: torch.dtype = torch.float32, progress: bool = False) -> Path:
     """Extract features of ``images`` (a tensor or array, e.g. a memory-mapped .npy) straight to one
-    ``.safetensors`` file (tensor names ``node@t``, the FeatureDict metadata in its header), chunk by chunk.
+    ``.safetensors`` file (tensor names ``node@t``, the FeatureDict metadata in its header), chunk by chunk
+    of ``batch_size`` images (each forward holds all ``timesteps`` of its images).
 
     Memory holds one chunk of images and features, never the whole output. An interrupted run leaves
     ``OUT.partial`` and its progress record; the same call again computes only the missing chunks

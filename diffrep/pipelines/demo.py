@@ -43,7 +43,7 @@ def run_demo(out_dir: str | Path, timesteps: tuple[int, ...] = (50, 150, 250)) -
     slices = load_brain_split("test", size=64)
     images = torch.from_numpy(slices.images)
     nodes = [n for n in backbone.node_names if n.startswith("up.")]
-    extractor = FeatureExtractor(backbone, nodes, timesteps, noise="shared", seed=0, batch_size=64)
+    extractor = FeatureExtractor(backbone, nodes, timesteps, noise="shared", seed=0, batch_size=16)
     start = time.perf_counter()
     features = extractor(images)
     seconds = time.perf_counter() - start

@@ -37,8 +37,8 @@ class FittedHead(NamedTuple):
 def pixel_extractor(backbone: Backbone, nodes: Sequence[str], timesteps: Sequence[int], *, noise: str = "shared",
                     seed: int = 0, images_per_batch: int = 8) -> FeatureExtractor:
     """The extractor of pixel descriptors: float16 node maps, ``images_per_batch`` images per U-Net batch."""
-    return FeatureExtractor(backbone, nodes, timesteps, noise=noise, seed=seed,
-                            batch_size=images_per_batch * len(timesteps), dtype=torch.float16)
+    return FeatureExtractor(backbone, nodes, timesteps, noise=noise, seed=seed, batch_size=images_per_batch,
+                            dtype=torch.float16)
 
 
 def extract_pixel_store(root: str | os.PathLike, backbone: Backbone, nodes: Sequence[str], timesteps: Sequence[int],
