@@ -108,19 +108,27 @@ def cached_pooled_features(backbone: Backbone, images: Any, nodes: Iterable[str]
                              identity=identity, digest=digest, pool_grid=pool_grid)
         extractor = FeatureExtractor(backbone, nodes, [t], noise=noise, seed=seed, batch_size=batch_size,
                                      dtype=torch.float32)
-
-        def compute(i: int, extractor: FeatureExtractor = extractor) -> dict[str, torch.Tensor]:
-            pooled = _extract_pooled(extractor, images[i * chunk_size:(i + 1) * chunk_size], pool_grid)
-            return {key.node: value.to(_DTYPES[dtype]) for key, value in pooled.items()}
-
-        missing = sum(not store.has(i) for i in range(num_chunks))
-        bar = None
-        if progress and missing:
-            from tqdm.auto import tqdm
-
-            bar = lambda it, m=missing, t=t: tqdm(it, total=m, desc=f"features t={t}", unit="chunk", leave=False)  # noqa: E731
-        store.fill(num_chunks, compute, progress=bar)
-        chunks = [store.read(i) for i in range(num_chunks)]
+        pooled = _fill_pooled_store(store, extractor, images, num_chunks, chunk_size, dtype, pool_grid, progress)
         for node in nodes:
-            out[FeatureKey(node, t)] = torch.cat([c[node] for c in chunks])[:count].numpy()
+            out[FeatureKey(node, t)] = pooled[node][:count].numpy()
     return out
+
+
+def _fill_pooled_store(store: FeatureStore, extractor: FeatureExtractor, images: torch.Tensor, num_chunks: int,
+                       chunk_size: int, dtype: str, pool_grid: int, progress: bool) -> dict[str, torch.Tensor]:
+    """Compute the missing chunks of ``store`` (one timestep) and return ``{node: pooled rows of every chunk}``."""
+    t = extractor.timesteps[0]
+
+    def compute(i: int) -> dict[str, torch.Tensor]:
+        pooled = _extract_pooled(extractor, images[i * chunk_size:(i + 1) * chunk_size], pool_grid)
+        return {key.node: value.to(_DTYPES[dtype]) for key, value in pooled.items()}
+
+    missing = sum(not store.has(i) for i in range(num_chunks))
+    bar = None
+    if progress and missing:
+        from tqdm.auto import tqdm
+
+        bar = lambda it: tqdm(it, total=missing, desc=f"features t={t}", unit="chunk", leave=False)  # noqa: E731
+    store.fill(num_chunks, compute, progress=bar)
+    chunks = [store.read(i) for i in range(num_chunks)]
+    return {node: torch.cat([c[node] for c in chunks]) for node in extractor.nodes}

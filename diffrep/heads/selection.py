@@ -161,21 +161,7 @@ def select_node_timestep(features_train: Mapping[FeatureKey, Any], y_train: Any,
         noise_levels: ``{t: sqrt(1 - abar_t)}`` to record in the table.
         progress: show a tqdm bar.
     """
-    y_train = _check_labels(y_train, "y_train")
-    y_val = _check_labels(y_val, "y_val")
-    if not features_train:
-        raise ValueError("features_train: expected at least one feature key, got an empty mapping")
-    candidates = list(features_train) if candidates is None else list(candidates)
-    if not candidates:
-        raise ValueError("candidates: expected at least one FeatureKey")
-    for name, feats, y in (("features_train", features_train, y_train), ("features_val", features_val, y_val)):
-        for k in candidates:
-            if k not in feats:
-                raise ValueError(f"{name}: key {key_name(k)} is missing; available keys are "
-                                 f"{[key_name(x) for x in feats]}")
-            rows = np.shape(feats[k])[0]
-            if rows != y.shape[0]:
-                raise ValueError(f"{name}[{key_name(k)}]: expected {y.shape[0]} rows (one per label), got {rows}")
+    y_train, y_val, candidates = _check_selection_inputs(features_train, y_train, features_val, y_val, candidates)
     probe = LinearProbe() if probe is None else probe
     levels = dict(noise_levels or {})
     table: list[dict] = []
@@ -193,19 +179,50 @@ def select_node_timestep(features_train: Mapping[FeatureKey, Any], y_train: Any,
         table.append(row)
         return row
 
-    def bar(items: list) -> Iterable:
-        if not progress:
-            return items
-        from tqdm.auto import tqdm
-
-        return tqdm(items, desc="probe selection", leave=False)
-
     singles = [(k,) for k in dict.fromkeys(FeatureKey(*k) for k in candidates)]
-    for keys in bar(singles):
+    for keys in _bar(singles, progress):
         score(keys, "single")
     single_rows = list(table)
     concats = concat_candidates(single_rows) if callable(concat_candidates) else concat_candidates
-    seen = set(singles)
+    for keys in _bar(_new_concatenations(concats, set(singles), features_train, features_val), progress):
+        score(keys, "concat")
+    return _selection_result(table, n_fit=int(y_train.shape[0]), n_val=int(y_val.shape[0]))
+
+
+def _check_selection_inputs(features_train: Mapping[FeatureKey, Any], y_train: Any,
+                            features_val: Mapping[FeatureKey, Any], y_val: Any,
+                            candidates: Iterable[FeatureKey] | None) -> tuple[np.ndarray, np.ndarray, list]:
+    """Checked ``(y_train, y_val, candidates)``: every candidate in both feature mappings, one row per label."""
+    y_train = _check_labels(y_train, "y_train")
+    y_val = _check_labels(y_val, "y_val")
+    if not features_train:
+        raise ValueError("features_train: expected at least one feature key, got an empty mapping")
+    candidates = list(features_train) if candidates is None else list(candidates)
+    if not candidates:
+        raise ValueError("candidates: expected at least one FeatureKey")
+    for name, feats, y in (("features_train", features_train, y_train), ("features_val", features_val, y_val)):
+        for k in candidates:
+            if k not in feats:
+                raise ValueError(f"{name}: key {key_name(k)} is missing; available keys are "
+                                 f"{[key_name(x) for x in feats]}")
+            rows = np.shape(feats[k])[0]
+            if rows != y.shape[0]:
+                raise ValueError(f"{name}[{key_name(k)}]: expected {y.shape[0]} rows (one per label), got {rows}")
+    return y_train, y_val, candidates
+
+
+def _bar(items: list, progress: bool) -> Iterable:
+    """``items``, wrapped in a tqdm bar when ``progress``."""
+    if not progress:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc="probe selection", leave=False)
+
+
+def _new_concatenations(concats: Iterable[Sequence[FeatureKey]], seen: set, features_train: Mapping[FeatureKey, Any],
+                        features_val: Mapping[FeatureKey, Any]) -> list[Keys]:
+    """The checked concatenations of ``concats`` not yet in ``seen`` (which grows), in order, each once."""
     todo = []
     for combo in concats:
         keys = tuple(FeatureKey(*k) for k in combo)
@@ -219,10 +236,12 @@ def select_node_timestep(features_train: Mapping[FeatureKey, Any], y_train: Any,
         if keys not in seen:
             seen.add(keys)
             todo.append(keys)
-    for keys in bar(todo):
-        score(keys, "concat")
+    return todo
 
-    single_best = _winner(single_rows)
+
+def _selection_result(table: list[dict], n_fit: int, n_val: int) -> SelectionResult:
+    """The SelectionResult of a scored ``table``: overall, single-key and concatenation winners."""
+    single_best = _winner([r for r in table if r["kind"] == "single"])
     concat_rows = [r for r in table if r["kind"] == "concat"]
     concat_best = _winner(concat_rows) if concat_rows else None
     overall = _winner(table)
@@ -232,7 +251,7 @@ def select_node_timestep(features_train: Mapping[FeatureKey, Any], y_train: Any,
         best_single=as_keys(single_best), best_single_val_acc=single_best["val_acc"],
         best_concat=as_keys(concat_best) if concat_best else None,
         best_concat_val_acc=concat_best["val_acc"] if concat_best else None,
-        meta={"n_fit": int(y_train.shape[0]), "n_val": int(y_val.shape[0])},
+        meta={"n_fit": n_fit, "n_val": n_val},
     )
 
 

@@ -97,18 +97,11 @@ def run_probe(backbone: Backbone, train_images: torch.Tensor, train_labels: Any,
     started = time.perf_counter()
     split = _split_training_set(y, val_fraction, seed, labels_per_class, grid_fit)
     ordered = train_images[torch.from_numpy(split.order)]
-    n_val, n_grid = split.val_idx.size, split.grid_idx.size
     common = dict(noise=noise, seed=seed, cache_dir=cache_dir, chunk_size=chunk_size, batch_size=batch_size,
                   progress=progress, pool_grid=pool_grid)
     train_id = f"{dataset_id}/train(order: val={val_fraction}, seed={seed})"
-
-    grid = cached_pooled_features(backbone, ordered, nodes, timesteps, count=n_val + n_grid,
-                                  dataset_id=train_id, **common)
-    selection = select_node_timestep(
-        {k: v[n_val:] for k, v in grid.items()}, y[split.grid_idx], {k: v[:n_val] for k, v in grid.items()},
-        y[split.val_idx], concat_candidates=default_concatenations if concat else (), probe=probe,
-        noise_levels={t: backbone.noise_level(t) for t in timesteps}, progress=progress)
-    del grid
+    selection = _select_on_validation(backbone, ordered, y, split, nodes, timesteps, probe, concat,
+                                      dict(common, dataset_id=train_id))
 
     chosen = {"single": selection.best_single}
     if selection.best_concat is not None:
@@ -128,6 +121,18 @@ def run_probe(backbone: Backbone, train_images: torch.Tensor, train_labels: Any,
     return ProbeRun(selection=selection, report=report, order=split.order, position=split.position,
                     fit_idx=split.fit_idx, val_idx=split.val_idx, train_idx=split.final_idx,
                     features_train=features_train, features_test=features_test)
+
+
+def _select_on_validation(backbone: Backbone, ordered: torch.Tensor, y: np.ndarray, split: "_Split",
+                          nodes: Sequence[str], timesteps: Sequence[int], probe: Any, concat: bool,
+                          cache_args: dict[str, Any]) -> SelectionResult:
+    """Score the (node, t) grid on the grid-fit part of the ordered training images against their validation part."""
+    n_val, n_grid = split.val_idx.size, split.grid_idx.size
+    grid = cached_pooled_features(backbone, ordered, nodes, timesteps, count=n_val + n_grid, **cache_args)
+    return select_node_timestep(
+        {k: v[n_val:] for k, v in grid.items()}, y[split.grid_idx], {k: v[:n_val] for k, v in grid.items()},
+        y[split.val_idx], concat_candidates=default_concatenations if concat else (), probe=probe,
+        noise_levels={t: backbone.noise_level(t) for t in timesteps}, progress=cache_args["progress"])
 
 
 def _check_probe_inputs(backbone: Backbone, train_images: torch.Tensor, train_labels: Any, test_images: torch.Tensor,

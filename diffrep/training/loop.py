@@ -10,7 +10,7 @@ import json
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -95,17 +95,50 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, max_st
         shutdown(ctx)
 
 
+class _Run(NamedTuple):
+    """The objects one training invocation steps together."""
+
+    backbone: Backbone
+    model: torch.nn.Module
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_schedule: CosineLRScheduler
+    ema: ModelEmaV3
+    data: TrainingData
+    ctx: DistContext
+    state_path: Path
+
+
+class _LogWindow:
+    """Mean loss and images/s since the last log line; appends a line to ``log.jsonl`` (main process only)."""
+
+    def __init__(self, path: Path, batch_size: int, bar: tqdm, is_main: bool) -> None:
+        self.path, self.batch_size, self.bar, self.is_main = path, batch_size, bar, is_main
+        self.loss, self.count, self.start = 0.0, 0, time.perf_counter()
+
+    def add(self, loss: float) -> None:
+        self.loss += loss
+        self.count += 1
+
+    def flush(self, step: int, lr: float) -> None:
+        elapsed = time.perf_counter() - self.start
+        record = {"step": step, "loss": self.loss / self.count, "lr": lr,
+                  "images_per_s": self.count * self.batch_size / max(elapsed, 1e-9), "time": time.time()}
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+        if self.is_main:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        self.loss, self.count, self.start = 0.0, 0, time.perf_counter()
+
+
 def _train(config: TrainConfig, out_dir: Path, resume: bool, max_steps: int | None, progress: bool,
            data: TrainingData | None, ctx: DistContext) -> Path:
+    """The body of :func:`train` inside an initialised process group: set up, step, checkpoint, export."""
     torch.manual_seed(config.seed)
     backbone = Backbone(copy.deepcopy(config.backbone))
     model = backbone.unet.to(ctx.device).train()
     fresh_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-    lr_schedule = CosineLRScheduler(optimizer, t_initial=config.max_steps, lr_min=config.optim.min_lr,
-                                    warmup_t=config.optim.warmup_steps, warmup_lr_init=config.optim.lr * 0.01,
-                                    t_in_epochs=False)
-    ema = ModelEmaV3(model, decay=config.optim.ema_decay, use_warmup=config.optim.ema_warmup)
+    optimizer, lr_schedule, ema = _optimisation(config, model)
     step, ema_step_offset, saved_step = 0, 0, None
     state_path = out_dir / STATE_NAME
     if config.init_from is not None and not resume:
@@ -117,48 +150,23 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, max_steps: int | No
     check_data_fits(config.backbone.unet, channels=data.images.shape[1], spatial=tuple(data.images.shape[2:]),
                     what=f"the training images of shape {tuple(data.images.shape)}")
     net = DistributedDataParallel(model) if ctx.world_size > 1 else model
+    run = _Run(backbone, model, net, optimizer, lr_schedule, ema, data, ctx, state_path)
     stop = min(config.max_steps, max_steps if max_steps is not None else config.max_steps)
-    log_path = out_dir / "log.jsonl"
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     shard = ctx.shard(config.optim.batch_size)
     bar = tqdm(total=stop, initial=step, disable=not (progress and ctx.is_main), desc=config.name, dynamic_ncols=True)
-    window_loss, window_count, window_start = 0.0, 0, time.perf_counter()
+    window = _LogWindow(out_dir / "log.jsonl", config.optim.batch_size, bar, ctx.is_main)
     while step < stop:
-        lr_schedule.step_update(num_updates=step)
-        images = data.batch(config.seed, step, config.optim.batch_size)
-        timesteps, noise = step_noise(config, step, images, backbone.num_timesteps)
-        images, timesteps, noise = images[shard].to(ctx.device), timesteps[shard].to(ctx.device), noise[shard].to(ctx.device)
-        x_t = backbone.schedule.add_noise(backbone.to_model_range(images), noise, timesteps)
-        loss = F.mse_loss(net(x_t, timesteps), noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-        check_step_finite(loss, grad_norm, step + 1, config.optim.lr, describe_checkpoint(state_path, saved_step), ctx)
-        optimizer.step()
+        loss = _train_step(config, run, shard, step, saved_step)
         step += 1
         ema.update(model, step=step + ema_step_offset)
-        window_loss += loss.item()
-        window_count += 1
+        window.add(loss.item())
         bar.update(1)
         if step % config.log_every == 0 or step == stop:
-            elapsed = time.perf_counter() - window_start
-            record = {"step": step, "loss": window_loss / window_count, "lr": optimizer.param_groups[0]["lr"],
-                      "images_per_s": window_count * config.optim.batch_size / max(elapsed, 1e-9), "time": time.time()}
-            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
-            if ctx.is_main:
-                with log_path.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-            window_loss, window_count, window_start = 0.0, 0, time.perf_counter()
+            window.flush(step, optimizer.param_groups[0]["lr"])
         if step % config.checkpoint_every == 0 or step == stop:
-            for what, weights in (("model", model.state_dict()), ("EMA", ema.module.state_dict())):  # same on every rank
-                check_weights_finite(weights, what, step, describe_checkpoint(state_path, saved_step))
-            if ctx.is_main:
-                save_state(state_path, {
-                    "recipe": to_dict(config), "step": step, "model": model.state_dict(), "ema": ema.module.state_dict(),
-                    "optimizer": optimizer.state_dict(), "lr_schedule": lr_schedule.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "ema_step_offset": ema_step_offset, "data_position": data.position(step, config.optim.batch_size),
-                })
+            _checkpoint(config, run, step, ema_step_offset, saved_step)
             saved_step = step
     bar.close()
     barrier(ctx)
@@ -167,6 +175,50 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, max_steps: int | No
         _export(config, backbone, ema, fresh_state, data, step, out_dir, export_dir)
     barrier(ctx)
     return export_dir
+
+
+def _optimisation(config: TrainConfig, model: torch.nn.Module) -> tuple[torch.optim.Optimizer, CosineLRScheduler, ModelEmaV3]:
+    """The recipe's AdamW optimiser, warm-up + cosine LR schedule and EMA of ``model``."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    lr_schedule = CosineLRScheduler(optimizer, t_initial=config.max_steps, lr_min=config.optim.min_lr,
+                                    warmup_t=config.optim.warmup_steps, warmup_lr_init=config.optim.lr * 0.01,
+                                    t_in_epochs=False)
+    ema = ModelEmaV3(model, decay=config.optim.ema_decay, use_warmup=config.optim.ema_warmup)
+    return optimizer, lr_schedule, ema
+
+
+def _train_step(config: TrainConfig, run: _Run, shard: Any, step: int, saved_step: int | None) -> torch.Tensor:
+    """One optimiser step on this rank's share of the global batch at ``step``; returns its loss.
+
+    A non-finite loss or gradient raises DivergenceError (naming ``step + 1``) before the weights change.
+    """
+    run.lr_schedule.step_update(num_updates=step)
+    images = run.data.batch(config.seed, step, config.optim.batch_size)
+    timesteps, noise = step_noise(config, step, images, run.backbone.num_timesteps)
+    device = run.ctx.device
+    images, timesteps, noise = images[shard].to(device), timesteps[shard].to(device), noise[shard].to(device)
+    x_t = run.backbone.schedule.add_noise(run.backbone.to_model_range(images), noise, timesteps)
+    loss = F.mse_loss(run.net(x_t, timesteps), noise)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.optim.grad_clip)
+    check_step_finite(loss, grad_norm, step + 1, config.optim.lr, describe_checkpoint(run.state_path, saved_step),
+                      run.ctx)
+    run.optimizer.step()
+    return loss
+
+
+def _checkpoint(config: TrainConfig, run: _Run, step: int, ema_step_offset: int, saved_step: int | None) -> None:
+    """Check the weights are finite, then write the training state atomically (main process only)."""
+    for what, weights in (("model", run.model.state_dict()), ("EMA", run.ema.module.state_dict())):  # same on every rank
+        check_weights_finite(weights, what, step, describe_checkpoint(run.state_path, saved_step))
+    if run.ctx.is_main:
+        save_state(run.state_path, {
+            "recipe": to_dict(config), "step": step, "model": run.model.state_dict(), "ema": run.ema.module.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "lr_schedule": run.lr_schedule.state_dict(),
+            "torch_rng": torch.get_rng_state(), "ema_step_offset": ema_step_offset,
+            "data_position": run.data.position(step, config.optim.batch_size),
+        })
 
 
 def _resume(config: TrainConfig, state_path: Path, model: torch.nn.Module, ema: ModelEmaV3,
