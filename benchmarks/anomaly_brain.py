@@ -42,7 +42,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -50,8 +50,8 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from anomaly_cache import MapCache  # noqa: E402
-from common import (RESULTS_DIR, Stopwatch, finish_metadata, mean_std, random_init_control, run_metadata,  # noqa: E402
-                    write_json)
+from common import (RESULTS_DIR, Stopwatch, finish_metadata, mean_std, merge_settings, random_init_control,  # noqa: E402
+                    run_metadata, write_json)
 
 from diffrep import load_backbone  # noqa: E402
 from diffrep.anomaly import (CalibratedScorer, DAEScorer, FeatureDistanceScorer, MultiLevelScorer, ReconstructionScorer,  # noqa: E402
@@ -106,11 +106,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--control-seed", type=int, default=0, help="torch seed of the random-init U-Net")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    grid = dict(QUICK if args.quick else FULL)
-    for key in ("seeds", "noise_seeds", "dae_steps", "copies", "test_copies"):
-        if getattr(args, key) is not None:
-            grid[key] = getattr(args, key)
-    args.grid = grid
+    args.grid = merge_settings(FULL, QUICK, args.quick,
+                               {key: getattr(args, key) for key in ("seeds", "noise_seeds", "dae_steps", "copies", "test_copies")})
     return args
 
 
@@ -376,55 +373,51 @@ class Scoring:
         return pairs, seconds, figure_maps
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
-    g, progress = args.grid, not args.quiet
-    torch.set_num_threads(args.threads)
-    meta = run_metadata({k: v for k, v in vars(args).items()}, g["seeds"])
-    watch = Stopwatch()
-    out = Path(args.out)
+class _Sets(NamedTuple):
+    """The slices of a run and the sets built from them."""
 
-    with watch("data"):
-        n = {s: g["slices"] and g["slices"] * (3 if s == "train" else 1) for s in ("train", "val", "test")}
-        train, val_slices, test_slices = (take(load_split(s), n[s]) for s in ("train", "val", "test"))
-        val = build_set(val_slices, g["copies"], SEEDS["val_aug"], SEEDS["val_lesions"])
-        healthy = build_set(val_slices, g["copies"], SEEDS["healthy_aug"], None)
-        tests = {s: build_set(test_slices, g["test_copies"], SEEDS["test_aug"], SEEDS["test_lesions"] * (s + 1))
-                 for s in g["seeds"]}
-    backbone = load_backbone(args.backbone)
-    dae_info: dict = {}
-    specs = method_specs(g, dae_factory(train, g["dae_steps"], Path(args.cache_dir), dae_info, progress))
+    train: tuple[torch.Tensor, torch.Tensor]
+    val_slices: tuple[torch.Tensor, torch.Tensor]
+    test_slices: tuple[torch.Tensor, torch.Tensor]
+    val: dict
+    healthy: dict
+    tests: dict[int, dict]
 
-    cache = MapCache(None if args.no_map_cache else args.map_cache)
-    with watch("selection on validation"):
-        table = [row for spec in tqdm(specs, desc="selection", disable=not progress)
-                 for row in select(spec, backbone, train, val, g, cache, dae_info)]
-    best = {spec.name: max((r for r in table if r["method"] == spec.name), key=lambda r: r["val_pixel_auprc"])
-            for spec in specs}
 
-    def top(candidates: list[Spec]) -> Spec:
-        return max(candidates, key=lambda s: best[s.name]["val_pixel_auprc"])
+def load_sets(g: dict) -> _Sets:
+    """Healthy training slices, lesioned and healthy validation sets, one lesioned test set per lesion seed."""
+    n = {s: g["slices"] and g["slices"] * (3 if s == "train" else 1) for s in ("train", "val", "test")}
+    train, val_slices, test_slices = (take(load_split(s), n[s]) for s in ("train", "val", "test"))
+    val = build_set(val_slices, g["copies"], SEEDS["val_aug"], SEEDS["val_lesions"])
+    healthy = build_set(val_slices, g["copies"], SEEDS["healthy_aug"], None)
+    tests = {s: build_set(test_slices, g["test_copies"], SEEDS["test_aug"], SEEDS["test_lesions"] * (s + 1))
+             for s in g["seeds"]}
+    return _Sets(train, val_slices, test_slices, val, healthy, tests)
 
+
+def _top(candidates: list[Spec], best: dict[str, dict]) -> Spec:
+    """The candidate with the best validation pixel AUPRC."""
+    return max(candidates, key=lambda s: best[s.name]["val_pixel_auprc"])
+
+
+def add_controls(specs: list[Spec], best: dict[str, dict]) -> Spec:
+    """Pick the headline (best diffrep method within the U-Net call budget) and append random-init controls
+    of it, of the best cheap reconstruction and of every feature-distance method; returns the headline."""
     limit = TARGETS["max_unet_calls"]
     cheap = [s for s in specs if s.kind == "diffrep" and best[s.name]["unet_calls_per_slice"] <= limit]
-    headline = top(cheap)
-    random_backbone = random_init_control(backbone, args.control_seed, "--control-seed")
+    headline = _top(cheap, best)
     recon_rows = [s for s in cheap if s.factory is recon]
-    controlled = [headline] + ([top(recon_rows)] if recon_rows else []) + [s for s in specs if s.factory is features]
+    controlled = [headline] + ([_top(recon_rows, best)] if recon_rows else []) + [s for s in specs if s.factory is features]
     for spec in {s.name: s for s in controlled}.values():  # headline, best cheap reconstruction, feature distance
         name = f"control: random-init U-Net, {spec.name}"
         specs.append(Spec(name, spec.factory, [], spec.needs_fit, kind="control"))
         best[name] = {**best[spec.name], "method": name}
+    return headline
 
-    nets = {spec.name: random_backbone if spec.kind == "control" else backbone for spec in specs}
-    scoring = Scoring(specs, best, nets, train, cache, dae_info, g["noise_seeds"])
-    with watch("fit + healthy validation maps"):
-        for spec in tqdm(specs, desc="fit", disable=not progress):
-            for ns in scoring.noise_seeds_of(spec):
-                scoring.healthy_maps[(spec.name, ns)] = scoring.maps(spec, ns, "healthy", healthy)["maps"]
-    with watch("test scoring"):
-        pairs, seconds, figure_maps = scoring.score_tests(tests, g["seeds"], healthy, progress)
 
+def result_rows(specs: list[Spec], best: dict[str, dict], scoring: "Scoring", pairs: dict[str, list[dict]],
+                seconds: dict[str, list[float]]) -> list[dict]:
+    """One row per method: settings, U-Net calls, time and every metric as mean, std and spread over runs."""
     reference = specs[0].name  # AnoDDPM-style, Gaussian
     rows = []
     for spec in specs:
@@ -440,30 +433,64 @@ def main(argv: Sequence[str] | None = None) -> dict:
                      "runs": [{"lesion_seed": p["lesion_seed"], "noise_seed": p["noise_seed"]} for p in ps],
                      **{m: mean_std([p[m] for p in ps]) for m in METRICS},
                      "spread": {m: spread(ps, m) for m in METRICS}})
-    targets = compute_targets(rows, headline.name, args.quick)
+    return rows
 
+
+def plot_figure(out: Path, specs: list[Spec], best: dict[str, dict], headline: Spec, test_set: dict,
+                figure_maps: dict[str, np.ndarray]) -> Path:
+    """The maps figure next to ``out``: baselines, the best of each family, the headline and its control."""
     from anomaly_figures import plot_maps  # noqa: E402  (matplotlib only when needed)
 
     fig_path = out.with_name(f"{out.stem}_maps.png")
-    shown = [s.name for s in specs if s.kind == "baseline"] + [top([s for s in specs if s.name.startswith(p)]).name
+    shown = [s.name for s in specs if s.kind == "baseline"] + [_top([s for s in specs if s.name.startswith(p)], best).name
                                                                for p in ("x0", "DDIM", "multi-level", "feature")]
     shown = list(dict.fromkeys(shown + [headline.name, f"control: random-init U-Net, {headline.name}"]))
-    plot_maps(fig_path, tests[g["seeds"][0]], {m: figure_maps[m] for m in shown}, n=4)
+    plot_maps(fig_path, test_set, {m: figure_maps[m] for m in shown}, n=4)
+    return fig_path
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    g, progress = args.grid, not args.quiet
+    torch.set_num_threads(args.threads)
+    meta = run_metadata({k: v for k, v in vars(args).items()}, g["seeds"])
+    watch = Stopwatch()
+    out = Path(args.out)
+
+    with watch("data"):
+        sets = load_sets(g)
+    train = sets.train
+    backbone = load_backbone(args.backbone)
+    dae_info: dict = {}
+    specs = method_specs(g, dae_factory(train, g["dae_steps"], Path(args.cache_dir), dae_info, progress))
+
+    cache = MapCache(None if args.no_map_cache else args.map_cache)
+    with watch("selection on validation"):
+        table = [row for spec in tqdm(specs, desc="selection", disable=not progress)
+                 for row in select(spec, backbone, train, sets.val, g, cache, dae_info)]
+    best = {spec.name: max((r for r in table if r["method"] == spec.name), key=lambda r: r["val_pixel_auprc"])
+            for spec in specs}
+    headline = add_controls(specs, best)
+    random_backbone = random_init_control(backbone, args.control_seed, "--control-seed")
+
+    nets = {spec.name: random_backbone if spec.kind == "control" else backbone for spec in specs}
+    scoring = Scoring(specs, best, nets, train, cache, dae_info, g["noise_seeds"])
+    with watch("fit + healthy validation maps"):
+        for spec in tqdm(specs, desc="fit", disable=not progress):
+            for ns in scoring.noise_seeds_of(spec):
+                scoring.healthy_maps[(spec.name, ns)] = scoring.maps(spec, ns, "healthy", sets.healthy)["maps"]
+    with watch("test scoring"):
+        pairs, seconds, figure_maps = scoring.score_tests(sets.tests, g["seeds"], sets.healthy, progress)
+
+    rows = result_rows(specs, best, scoring, pairs, seconds)
+    targets = compute_targets(rows, headline.name, args.quick)
+    fig_path = plot_figure(out, specs, best, headline, sets.tests[g["seeds"][0]], figure_maps)
     payload = {
         **finish_metadata(meta, watch), "quick": args.quick, "seeds": g["seeds"], "grid": g,
         "backbone": {"name": str(args.backbone), "provenance": backbone.config.provenance,
                      "nodes": backbone.node_names},
         "random_control": {"init_seed": args.control_seed, "architecture": "the loaded backbone's config"},
-        "data": {"fit": f"train split ({len(train[0])} healthy slices)", "validation_lesioned": describe(val),
-                 "validation_healthy": describe(healthy), "test": {s: describe(t) for s, t in tests.items()},
-                 "seeds": SEEDS, "slices": {"train": len(train[0]), "val": len(val_slices[0]),
-                                            "test": len(test_slices[0])}},
-        "columns": {"pixel_auprc": "pooled over brain pixels", "best_dice": "oracle threshold on the test set",
-                    "dice_at_fpr": "threshold flagging 1% of healthy validation brain pixels",
-                    "pixel_auroc": "pooled over brain pixels",
-                    "image_auroc": "image score = mean of the top 1% of the map",
-                    "unet_calls_per_slice": "network evaluations per slice (NFE)",
-                    "seconds_per_slice": "median over seeds of scoring time / test slices, this process, interleaved"},
+        "data": describe_data(sets), "columns": COLUMNS,
         "rows": rows, "headline": headline.name, "targets": targets, "dae": dae_info,
         "selection_table": table, "figure": fig_path.name, "notes": notes(g, args.quick),
         "code_digest": CODE,
@@ -473,13 +500,34 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     path = write_json(payload, out)
     if progress:
-        print(f"{'method':<58} {'calls':>5} {'AUPRC':>13} {'best Dice':>13} {'Dice@1%':>7} {'s/slice':>8}")
-        for r in rows:
-            ap, dice = r["pixel_auprc"], r["best_dice"]
-            print(f"{r['method']:<58} {r['unet_calls_per_slice']:>5} {ap['mean']:.3f}+-{ap['std']:.3f}"
-                  f" {dice['mean']:.3f}+-{dice['std']:.3f} {r['dice_at_fpr']['mean']:>7.3f} {r['seconds_per_slice']:>8.3f}")
-        print(f"headline {headline.name}; targets met: {targets['met']}; wall {payload['wall_seconds']} s; wrote {path}")
+        print_summary(rows, headline.name, targets, payload, path)
     return payload
+
+
+COLUMNS = {"pixel_auprc": "pooled over brain pixels", "best_dice": "oracle threshold on the test set",
+           "dice_at_fpr": "threshold flagging 1% of healthy validation brain pixels",
+           "pixel_auroc": "pooled over brain pixels",
+           "image_auroc": "image score = mean of the top 1% of the map",
+           "unet_calls_per_slice": "network evaluations per slice (NFE)",
+           "seconds_per_slice": "median over seeds of scoring time / test slices, this process, interleaved"}
+
+
+def describe_data(sets: _Sets) -> dict:
+    """The data section of the result JSON."""
+    return {"fit": f"train split ({len(sets.train[0])} healthy slices)", "validation_lesioned": describe(sets.val),
+            "validation_healthy": describe(sets.healthy), "test": {s: describe(t) for s, t in sets.tests.items()},
+            "seeds": SEEDS, "slices": {"train": len(sets.train[0]), "val": len(sets.val_slices[0]),
+                                       "test": len(sets.test_slices[0])}}
+
+
+def print_summary(rows: list[dict], headline: str, targets: dict, payload: dict, path: Path) -> None:
+    """The result table on stdout."""
+    print(f"{'method':<58} {'calls':>5} {'AUPRC':>13} {'best Dice':>13} {'Dice@1%':>7} {'s/slice':>8}")
+    for r in rows:
+        ap, dice = r["pixel_auprc"], r["best_dice"]
+        print(f"{r['method']:<58} {r['unet_calls_per_slice']:>5} {ap['mean']:.3f}+-{ap['std']:.3f}"
+              f" {dice['mean']:.3f}+-{dice['std']:.3f} {r['dice_at_fpr']['mean']:>7.3f} {r['seconds_per_slice']:>8.3f}")
+    print(f"headline {headline}; targets met: {targets['met']}; wall {payload['wall_seconds']} s; wrote {path}")
 
 
 def compute_targets(rows: list[dict], headline: str, quick: bool) -> dict:

@@ -23,14 +23,14 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS_DIR, Stopwatch, finish_metadata, mean_std, random_init_control, run_metadata,  # noqa: E402
-                    write_json)
+from common import (RESULTS_DIR, Stopwatch, finish_metadata, mean_std, merge_settings, random_init_control,  # noqa: E402
+                    run_metadata, write_json)
 
 from diffrep import load_backbone  # noqa: E402
 from diffrep._atomic import atomic_savefig  # noqa: E402
@@ -46,6 +46,8 @@ ANCHORS = {  # published Fashion-MNIST test accuracies to read our numbers again
     "2-layer CNN": "0.91-0.92",
 }
 TARGETS = {"full_labels_test_acc_min": 0.92, "labels10_gain_over_raw_pixels_min": 0.10}
+FULL = {"grid_fit": 10000, "val_fraction": 0.1, "timesteps": list(DEFAULT_TIMESTEPS), "cnn_epochs": 5,
+        "chunk_size": 1000, "limit_train": None, "limit_test": None}
 QUICK = {"limit_train": 2000, "limit_test": 1000, "grid_fit": 1000, "val_fraction": 0.2, "timesteps": [1, 50],
          "cnn_epochs": 1, "chunk_size": 500}
 
@@ -79,14 +81,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit-train", type=int, default=None)
     p.add_argument("--limit-test", type=int, default=None)
     p.add_argument("--chunk-size", type=int, default=None, help="images per cache chunk (default 1000)")
-    p.add_argument("--batch-size", type=int, default=64, help="rows per U-Net forward")
+    p.add_argument("--batch-size", type=int, default=64, help="images per U-Net forward")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    defaults = {"grid_fit": 10000, "val_fraction": 0.1, "timesteps": list(DEFAULT_TIMESTEPS), "cnn_epochs": 5,
-                "chunk_size": 1000, "limit_train": None, "limit_test": None}
-    for name, default in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, QUICK.get(name, default) if args.quick else default)
+    vars(args).update(merge_settings(FULL, QUICK, args.quick, {name: getattr(args, name) for name in FULL}))
     return args
 
 
@@ -189,41 +187,27 @@ def heatmap(runs: dict[str, ProbeRun], nodes: list[str], timesteps: list[int], b
 
 
 # ------------------------------------------------------------------------------------------- main
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    config = {k: v for k, v in vars(args).items()}
-    meta = run_metadata(config, args.seed)
-    if argv is not None:  # called as a function: record the arguments it was given, not the host's argv
-        meta["command"] = " ".join(["benchmarks/classification.py", *(shlex.quote(str(a)) for a in argv)])
-    watch = Stopwatch()
-    progress = not args.quiet
-    suffix = (("" if args.pool_grid == 1 else f"_grid{args.pool_grid}") + (f"_{args.tag}" if args.tag else "")
-              + ("_quick" if args.quick else ""))
-    out = Path(args.out)
+class _Data(NamedTuple):
+    """The Fashion-MNIST images and labels of a run, and their raw-pixel vectors (the pixel control)."""
 
-    backbone = load_backbone(args.backbone)
-    nodes = backbone.check_nodes(args.nodes or backbone.node_names)
-    xtr, ytr, xte, yte, data_info = load_probe_dataset("fmnist", backbone, args.limit_train, args.limit_test)
-    probe = LinearProbe(C=args.C, max_iter=args.max_iter)
-    common = dict(nodes=nodes, timesteps=args.timesteps, noise=args.noise, seed=args.seed,
-                  val_fraction=args.val_fraction, grid_fit=args.grid_fit, cache_dir=args.cache_dir,
-                  dataset_id=f"fmnist:{data_info['n_train']}/{data_info['n_test']}", chunk_size=args.chunk_size,
-                  batch_size=args.batch_size, probe=probe, progress=progress, pool_grid=args.pool_grid)
+    xtr: torch.Tensor
+    ytr: np.ndarray
+    xte: torch.Tensor
+    yte: np.ndarray
+    info: dict
+    raw_train: np.ndarray
+    raw_test: np.ndarray
 
-    init_seed = args.seed if args.random_init_seed is None else args.random_init_seed
-    random_backbone = random_init_control(backbone, init_seed, "--random-init-seed")
 
-    with watch("diffrep: features + selection + full-label probes"):
-        run = run_probe(backbone, xtr, ytr, xte, yte, **common)
-    rrun = None
-    if not args.skip_random_control:
-        with watch("random U-Net: features + selection + full-label probes"):
-            rrun = run_probe(random_backbone, xtr, ytr, xte, yte, **common)
-    probed = [("diffrep", run, backbone)] + ([("control: random-init U-Net", rrun, random_backbone)] if rrun else [])
+def _load_data(args: argparse.Namespace, backbone: Backbone) -> _Data:
+    xtr, ytr, xte, yte, info = load_probe_dataset("fmnist", backbone, args.limit_train, args.limit_test)
+    return _Data(xtr, ytr, xte, yte, info, xtr.flatten(1).numpy(), xte.flatten(1).numpy())
 
-    raw_train = xtr.flatten(1).numpy()
-    raw_test = xte.flatten(1).numpy()
+
+def _full_label_rows(args: argparse.Namespace, probed: list[tuple[str, ProbeRun, Backbone]], data: _Data,
+                     probe: LinearProbe, watch: Stopwatch, progress: bool) -> list[dict]:
+    """Rows at full labels: each probed backbone's choices, the raw-pixel probe and (unless skipped) the CNN."""
+    run = probed[0][1]
     n_full = int(run.train_idx.size)
     rows = []
     for name, r, rb in probed:
@@ -234,47 +218,50 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 rows.append(_row(f"{name}: {label}", keys, rb, None, [c["test_acc"]], [args.seed], n_full,
                                  val_acc=c["val_acc"], validation_winner=r.report["best"] == kind))
     with watch("raw pixels: full-label probe"):
-        acc = fit_score(raw_train[run.train_idx], ytr[run.train_idx], raw_test, yte, probe)
+        acc = fit_score(data.raw_train[run.train_idx], data.ytr[run.train_idx], data.raw_test, data.yte, probe)
     rows.append(_row("control: raw pixels", None, None, None, [acc], [args.seed], n_full))
-
-    cnn = None
     if not args.skip_cnn:
         with watch("supervised CNN"):
             # the CNN sees the unpadded 28x28 images in [0, 1]
-            train_u8 = load_fashion_mnist("train")[0][:data_info["n_train"]]
-            test_u8 = load_fashion_mnist("test")[0][:data_info["n_test"]]
-            cnn = train_cnn(to_tensor_images(train_u8[run.train_idx]), ytr[run.train_idx], to_tensor_images(test_u8),
-                            yte, epochs=args.cnn_epochs, seed=args.seed, progress=progress)
+            train_u8 = load_fashion_mnist("train")[0][:data.info["n_train"]]
+            test_u8 = load_fashion_mnist("test")[0][:data.info["n_test"]]
+            cnn = train_cnn(to_tensor_images(train_u8[run.train_idx]), data.ytr[run.train_idx],
+                            to_tensor_images(test_u8), data.yte, epochs=args.cnn_epochs, seed=args.seed,
+                            progress=progress)
         rows.append(_row("reference: supervised CNN (end to end)", None, None, None, [cnn["test_acc"]], [args.seed],
                          n_full, details=cnn))
+    return rows
 
-    # label efficiency: K labels per class from the fit part (never from validation), several seeds
-    with watch("label efficiency"):
-        methods = {"diffrep: validation winner": (run, run.selection.best, backbone),
-                   "diffrep: best (node, t)": (run, run.selection.best_single, backbone)}
-        if run.selection.best_concat is not None:
-            methods["diffrep: best concatenation"] = (run, run.selection.best_concat, backbone)
-        methods["control: raw pixels"] = (None, None, None)
-        if rrun is not None:
-            methods["control: random-init U-Net, validation winner"] = (rrun, rrun.selection.best, random_backbone)
-        for k in args.labels_per_class:
-            accs: dict[str, list[float]] = {m: [] for m in methods}
-            for s in args.seeds:
-                idx = run.fit_idx[sample_per_class(ytr[run.fit_idx], k, s)]
-                for m, (r, keys, _) in methods.items():
-                    if r is None:
-                        accs[m].append(fit_score(raw_train[idx], ytr[idx], raw_test, yte, probe))
-                    else:
-                        accs[m].append(fit_score(stack_features(r.features_train, keys, rows=r.position[idx]), ytr[idx],
-                                                 stack_features(r.features_test, keys), yte, probe))
-            for m, (r, keys, rb) in methods.items():
-                rows.append(_row(m, keys, rb, k, accs[m], list(args.seeds), k * len(np.unique(ytr))))
 
-    heat_path = out / f"classification_fmnist{suffix}_heatmap.png"
-    heatmap({"diffrep (pretrained)": run, **({"random-init U-Net (control)": rrun} if rrun else {})}, nodes, list(args.timesteps), backbone,
-            heat_path, f"Fashion-MNIST linear probe: validation accuracy (fit {run.report['n_grid_fit']}, "
-                       f"val {run.report['n_val']}), noise {args.noise}, seed {args.seed}")
+def _label_efficiency_rows(args: argparse.Namespace, probed: list[tuple[str, ProbeRun, Backbone]], data: _Data,
+                           probe: LinearProbe) -> list[dict]:
+    """Rows with K labels per class from the fit part (never from validation), over the label-subset seeds."""
+    (_, run, backbone), rrun = probed[0], (probed[1] if len(probed) > 1 else None)
+    methods = {"diffrep: validation winner": (run, run.selection.best, backbone),
+               "diffrep: best (node, t)": (run, run.selection.best_single, backbone)}
+    if run.selection.best_concat is not None:
+        methods["diffrep: best concatenation"] = (run, run.selection.best_concat, backbone)
+    methods["control: raw pixels"] = (None, None, None)
+    if rrun is not None:
+        methods["control: random-init U-Net, validation winner"] = (rrun[1], rrun[1].selection.best, rrun[2])
+    ytr, yte, rows = data.ytr, data.yte, []
+    for k in args.labels_per_class:
+        accs: dict[str, list[float]] = {m: [] for m in methods}
+        for s in args.seeds:
+            idx = run.fit_idx[sample_per_class(ytr[run.fit_idx], k, s)]
+            for m, (r, keys, _) in methods.items():
+                if r is None:
+                    accs[m].append(fit_score(data.raw_train[idx], ytr[idx], data.raw_test, yte, probe))
+                else:
+                    accs[m].append(fit_score(stack_features(r.features_train, keys, rows=r.position[idx]), ytr[idx],
+                                             stack_features(r.features_test, keys), yte, probe))
+        for m, (r, keys, rb) in methods.items():
+            rows.append(_row(m, keys, rb, k, accs[m], list(args.seeds), k * len(np.unique(ytr))))
+    return rows
 
+
+def _targets(args: argparse.Namespace, rows: list[dict], run: ProbeRun) -> dict:
+    """The stated targets, the measured values and whether they are met."""
     def mean_of(method: str, k: int | None) -> float | None:
         hit = [r["test_acc_mean"] for r in rows if r["method"] == method and r["labels_per_class"] == k]
         return hit[0] if hit else None
@@ -290,7 +277,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                "gain in accuracy points / 100, mean over seeds")}
     if args.quick:
         targets["note"] = "quick run on subsets: not evidence for or against the targets"
-    payload = {
+    return targets
+
+
+def _payload(args: argparse.Namespace, meta: dict, watch: Stopwatch, backbone: Backbone, run: ProbeRun,
+             rrun: ProbeRun | None, init_seed: int, data_info: dict, rows: list[dict], targets: dict,
+             heat_path: Path) -> dict:
+    """The result JSON."""
+    return {
         **finish_metadata(meta, watch),
         "quick": args.quick,
         "backbone": {"name": str(args.backbone), "identity": run.report["backbone_identity"],
@@ -315,13 +309,60 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "targets": targets,
         "heatmap": heat_path.name,
     }
+
+
+def _print_summary(rows: list[dict], targets: dict, payload: dict, path: Path, heat_path: Path) -> None:
+    print(f"{'method':<48} {'K':>5} {'key':<24} {'test acc':>14}")
+    for r in rows:
+        acc = f"{r['test_acc_mean']:.4f}" + (f" +- {r['test_acc_std']:.4f}" if len(r["seeds"]) > 1 else "")
+        print(f"{r['method']:<48} {str(r['labels_per_class'] or 'all'):>5} {str(r['key'] or '-'):<24} {acc:>14}")
+    print(f"targets met: {targets['met']}  (wall {payload['wall_seconds']} s)  wrote {path} and {heat_path}")
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    config = {k: v for k, v in vars(args).items()}
+    meta = run_metadata(config, args.seed)
+    if argv is not None:  # called as a function: record the arguments it was given, not the host's argv
+        meta["command"] = " ".join(["benchmarks/classification.py", *(shlex.quote(str(a)) for a in argv)])
+    watch = Stopwatch()
+    progress = not args.quiet
+    suffix = (("" if args.pool_grid == 1 else f"_grid{args.pool_grid}") + (f"_{args.tag}" if args.tag else "")
+              + ("_quick" if args.quick else ""))
+    out = Path(args.out)
+
+    backbone = load_backbone(args.backbone)
+    nodes = backbone.check_nodes(args.nodes or backbone.node_names)
+    data = _load_data(args, backbone)
+    probe = LinearProbe(C=args.C, max_iter=args.max_iter)
+    common = dict(nodes=nodes, timesteps=args.timesteps, noise=args.noise, seed=args.seed,
+                  val_fraction=args.val_fraction, grid_fit=args.grid_fit, cache_dir=args.cache_dir,
+                  dataset_id=f"fmnist:{data.info['n_train']}/{data.info['n_test']}", chunk_size=args.chunk_size,
+                  batch_size=args.batch_size, probe=probe, progress=progress, pool_grid=args.pool_grid)
+    init_seed = args.seed if args.random_init_seed is None else args.random_init_seed
+    random_backbone = random_init_control(backbone, init_seed, "--random-init-seed")
+
+    with watch("diffrep: features + selection + full-label probes"):
+        run = run_probe(backbone, data.xtr, data.ytr, data.xte, data.yte, **common)
+    rrun = None
+    if not args.skip_random_control:
+        with watch("random U-Net: features + selection + full-label probes"):
+            rrun = run_probe(random_backbone, data.xtr, data.ytr, data.xte, data.yte, **common)
+    probed = [("diffrep", run, backbone)] + ([("control: random-init U-Net", rrun, random_backbone)] if rrun else [])
+    rows = _full_label_rows(args, probed, data, probe, watch, progress)
+    with watch("label efficiency"):
+        rows += _label_efficiency_rows(args, probed, data, probe)
+
+    heat_path = out / f"classification_fmnist{suffix}_heatmap.png"
+    heatmap({"diffrep (pretrained)": run, **({"random-init U-Net (control)": rrun} if rrun else {})}, nodes, list(args.timesteps), backbone,
+            heat_path, f"Fashion-MNIST linear probe: validation accuracy (fit {run.report['n_grid_fit']}, "
+                       f"val {run.report['n_val']}), noise {args.noise}, seed {args.seed}")
+    targets = _targets(args, rows, run)
+    payload = _payload(args, meta, watch, backbone, run, rrun, init_seed, data.info, rows, targets, heat_path)
     path = write_json(payload, out / f"classification_fmnist{suffix}.json")
     if progress:
-        print(f"{'method':<48} {'K':>5} {'key':<24} {'test acc':>14}")
-        for r in rows:
-            acc = f"{r['test_acc_mean']:.4f}" + (f" +- {r['test_acc_std']:.4f}" if len(r["seeds"]) > 1 else "")
-            print(f"{r['method']:<48} {str(r['labels_per_class'] or 'all'):>5} {str(r['key'] or '-'):<24} {acc:>14}")
-        print(f"targets met: {targets['met']}  (wall {payload['wall_seconds']} s)  wrote {path} and {heat_path}")
+        _print_summary(rows, targets, payload, path, heat_path)
     return payload
 
 

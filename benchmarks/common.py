@@ -1,6 +1,7 @@
 """Shared benchmark plumbing: run metadata (command, versions, machine) and JSON output."""
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import shlex
@@ -8,11 +9,29 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from diffrep._atomic import atomic_write_json
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def merge_settings(full: Mapping[str, Any], quick: Mapping[str, Any], use_quick: bool,
+                   overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The benchmarks' one QUICK/FULL scheme: the settings of a run.
+
+    ``full`` holds every setting of a full run; ``quick`` the values that ``--quick`` replaces (it may
+    repeat FULL's); ``overrides`` the command-line options, each replacing both unless it is None
+    (not given). QUICK and the overrides may only name FULL's settings.
+    """
+    overrides = dict(overrides or {})
+    for what, names in (("QUICK", quick), ("overrides", overrides)):
+        unknown = sorted(set(names) - set(full))
+        if unknown:
+            raise ValueError(f"{what}: {unknown} are not settings of FULL; expected some of {sorted(full)}")
+    settings = {**full, **(quick if use_quick else {})}
+    settings.update({name: value for name, value in overrides.items() if value is not None})
+    return copy.deepcopy(settings)  # the caller may change its lists; FULL and QUICK stay as written
 
 
 def versions() -> dict[str, str]:

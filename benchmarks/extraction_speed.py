@@ -34,7 +34,7 @@ def get_backbone(name: str) -> tuple[Backbone, str]:
     return Backbone(copy.deepcopy(load_train_config(recipe).backbone)), f"{name} architecture, random init (timing only)"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="fmnist-ddpm")
     parser.add_argument("--batch", type=int, default=32)
@@ -44,7 +44,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS_DIR / "extraction_speed.json"))
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
     backbone, source = get_backbone(args.backbone)
     size = args.size or (28 if "fmnist" in args.backbone else 64)

@@ -44,8 +44,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS_DIR, Stopwatch, finish_metadata, mean_std, random_init_control, run_metadata,  # noqa: E402
-                    write_json)
+from common import (RESULTS_DIR, Stopwatch, finish_metadata, mean_std, merge_settings, random_init_control,  # noqa: E402
+                    run_metadata, write_json)
 from memory import PeakMeter, report, run_measured  # noqa: E402
 
 from diffrep import FeatureKey, load_backbone, upsample_concat  # noqa: E402
@@ -98,9 +98,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-worker", choices=("diffrep", "naive"), help=argparse.SUPPRESS)
     p.add_argument("--worker-config", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name, default in FULL.items():
-        if getattr(args, name) is None:
-            setattr(args, name, QUICK[name] if args.quick else default)
+    vars(args).update(merge_settings(FULL, QUICK, args.quick, {name: getattr(args, name) for name in FULL}))
     return args
 
 
@@ -334,20 +332,8 @@ def overlays(path: Path, images: np.ndarray, truth: np.ndarray, pred: np.ndarray
 
 
 # ------------------------------------------------------------------------------------------------ main
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.memory_worker:
-        memory_worker(args.memory_worker, json.loads(args.worker_config))
-        return {}
-    config = {k: v for k, v in vars(args).items() if k not in ("memory_worker", "worker_config")}
-    meta = run_metadata(config, args.seed)
-    watch = Stopwatch()
-    suffix = "_quick" if args.quick else ""
-    out = Path(args.out)
-
-    backbone = get_backbone(args.backbone)
-    control = random_init_control(backbone, 0)
+def load_data(args: argparse.Namespace) -> tuple[BrainSlices, BrainSlices, BrainSlices, dict[int, dict[int, np.ndarray]]]:
+    """Train, val and test slices (limited and augmented as asked) and the labelled train indices per seed and N."""
     train, val, test = (load_brain_split(s) for s in ("train", "val", "test"))
     if args.val_limit:
         val = val.subset(np.linspace(0, len(val) - 1, args.val_limit).round().astype(int))
@@ -355,18 +341,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
         test = test.subset(np.linspace(0, len(test) - 1, args.test_limit).round().astype(int))
     test = augmented(test, args.test_augment, seed=10_000)
     labelled = {s: {n: labelled_indices(s, n, len(train)) for n in args.ns} for s in args.seeds}
+    return train, val, test, labelled
 
-    print("selecting nodes and timesteps on val", flush=True)
-    selection = {}
-    for name, bb in (("diffrep", backbone), ("control", control)):
-        with watch(f"{name}: selection (val grid)"):
-            selection[name] = select_config(name, bb, train, val, args)
-    chosen = selection["diffrep"]["chosen"]
 
+def _print_row(row: dict) -> None:
+    print(f"  {row['method']:28s} N={row['n_labelled']:2d}: mIoU {row['miou']['mean']:.1f} +- {row['miou']['std']:.1f}",
+          flush=True)
+
+
+def pixel_head_rows(args: argparse.Namespace, nets: dict[str, tuple[str, Backbone]], selection: dict,
+                    train: BrainSlices, test: BrainSlices, labelled: dict, watch: Stopwatch) -> tuple[list[dict], tuple | None]:
+    """Rows of the pixel heads on each backbone's chosen descriptors, and the overlay (pred, unc, N, seed) to show."""
     union = sorted({i for per in labelled.values() for idx in per.values() for i in idx})
     position = {i: p for p, i in enumerate(union)}
     rows, overlay = [], None
-    for method, bb, key in (("diffrep", backbone, "diffrep"), ("control: random-init U-Net", control, "control")):
+    for key, (method, bb) in nets.items():
         nodes, ts = selection[key]["chosen"]["nodes"], selection[key]["chosen"]["timesteps"]
         with watch(f"{method}: features"):
             tr_store = pixel_store(bb, nodes, ts, train.images[union], train.labels[union], args)
@@ -381,10 +370,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 if method == "diffrep" and overlay is None and n == min(args.ns, key=lambda k: abs(k - SELECT_N)):
                     overlay = (pred, unc, n, s)
             rows.append({**summarise(method, n, runs), "nodes": nodes, "timesteps": ts})
-            print(f"  {method:28s} N={n:2d}: mIoU {rows[-1]['miou']['mean']:.1f} +- {rows[-1]['miou']['std']:.1f}",
-                  flush=True)
+            _print_row(rows[-1])
+    return rows, overlay
 
+
+def baseline_rows(args: argparse.Namespace, train: BrainSlices, test: BrainSlices, labelled: dict,
+                  watch: Stopwatch) -> list[dict]:
+    """Rows of the supervised BasicUNet and of the trivial intensity + coordinates head."""
     xt = trivial_descriptors(test.images)
+    rows = []
     for method in ("supervised: BasicUNet end to end", "trivial: intensity + coordinates"):
         for n in args.ns:
             runs = []
@@ -399,20 +393,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         pred = clf.predict(xt)
                 runs.append({"seed": s, "slices": train.slice_index[idx].tolist(), **scores(pred, test.labels)})
             rows.append(summarise(method, n, runs))
-            print(f"  {method:28s} N={n:2d}: mIoU {rows[-1]['miou']['mean']:.1f} +- {rows[-1]['miou']['std']:.1f}",
-                  flush=True)
+            _print_row(rows[-1])
+    return rows
 
-    figure = None
-    if overlay is not None:
-        pred, unc, n, s = overlay
-        figure = overlays(out / f"segmentation_brain_overlays{suffix}.png", test.images, test.labels, pred, unc,
-                          test.slice_index, f"diffrep ({args.backbone}), N={n} labelled slices, seed {s}; "
-                                            f"uncertainty = vote entropy of {args.members} MLPs")
-    memory = None
-    if not args.skip_memory:
-        with watch("memory comparison"):
-            memory = measure_memory(args, chosen, train, test)
 
+def compute_targets(args: argparse.Namespace, rows: list[dict], memory: dict | None) -> list[dict]:
+    """The stated targets at N = SELECT_N and for memory, with the measured values and whether they are met."""
     def mean_of(method: str, n: int) -> float | None:
         hits = [r["miou"]["mean"] for r in rows if r["method"] == method and r["n_labelled"] == n]
         return hits[0] if hits else None
@@ -434,24 +420,72 @@ def main(argv: Sequence[str] | None = None) -> dict:
     meaningful = not args.quick and args.backbone != "random-brain"
     for target in targets:
         target["meaningful"] = meaningful  # quick runs and untrained backbones only smoke-test the pipeline
-    payload = {**meta, "task": "brain tissue segmentation, 64x64 axial MNI152 slices",
-               "protocol": __doc__.split("\n\n")[1:5],
-               "backbone": {"spec": args.backbone, "identity": backbone_identity(backbone),
-                            "provenance": backbone.config.provenance,
-                            "noise_levels": {str(t): backbone.noise_level(t) for t in sorted(
-                                {t for ts in TIMESTEP_SETS.values() for t in ts})}},
-               "data": {"labels": list(LABEL_NAMES), "n_train_slices": len(train), "n_val_slices": len(val),
-                        "n_test": len(test), "test_augment": args.test_augment,
-                        "test_slices": test.slice_index.tolist(),
-                        "labelled_slices": {str(s): {str(n): train.slice_index[i].tolist() for n, i in per.items()}
-                                            for s, per in labelled.items()}},
+    return targets
+
+
+def describe_run(args: argparse.Namespace, backbone: Backbone, train: BrainSlices, val: BrainSlices,
+                 test: BrainSlices, labelled: dict) -> dict:
+    """The task, protocol, backbone, data and notes of the result JSON."""
+    return {"task": "brain tissue segmentation, 64x64 axial MNI152 slices",
+            "protocol": __doc__.split("\n\n")[1:5],
+            "backbone": {"spec": args.backbone, "identity": backbone_identity(backbone),
+                         "provenance": backbone.config.provenance,
+                         "noise_levels": {str(t): backbone.noise_level(t) for t in sorted(
+                             {t for ts in TIMESTEP_SETS.values() for t in ts})}},
+            "data": {"labels": list(LABEL_NAMES), "n_train_slices": len(train), "n_val_slices": len(val),
+                     "n_test": len(test), "test_augment": args.test_augment,
+                     "test_slices": test.slice_index.tolist(),
+                     "labelled_slices": {str(s): {str(n): train.slice_index[i].tolist() for n, i in per.items()}
+                                         for s, per in labelled.items()}}}
+
+
+def _notes(args: argparse.Namespace) -> list[str]:
+    return [note for note in (
+        "the control's nodes/timesteps are its own val selection on the same grid",
+        "quick mode: tiny subsets and heads, numbers are a smoke test only" if args.quick else "",
+        "random-brain backbone: untrained, targets not meaningful" if args.backbone == "random-brain" else "",
+    ) if note]
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_worker:
+        memory_worker(args.memory_worker, json.loads(args.worker_config))
+        return {}
+    config = {k: v for k, v in vars(args).items() if k not in ("memory_worker", "worker_config")}
+    meta = run_metadata(config, args.seed)
+    watch = Stopwatch()
+    suffix = "_quick" if args.quick else ""
+    out = Path(args.out)
+
+    backbone = get_backbone(args.backbone)
+    control = random_init_control(backbone, 0)
+    train, val, test, labelled = load_data(args)
+
+    print("selecting nodes and timesteps on val", flush=True)
+    selection = {}
+    for name, bb in (("diffrep", backbone), ("control", control)):
+        with watch(f"{name}: selection (val grid)"):
+            selection[name] = select_config(name, bb, train, val, args)
+    nets = {"diffrep": ("diffrep", backbone), "control": ("control: random-init U-Net", control)}
+    rows, overlay = pixel_head_rows(args, nets, selection, train, test, labelled, watch)
+    rows += baseline_rows(args, train, test, labelled, watch)
+
+    figure = None
+    if overlay is not None:
+        pred, unc, n, s = overlay
+        figure = overlays(out / f"segmentation_brain_overlays{suffix}.png", test.images, test.labels, pred, unc,
+                          test.slice_index, f"diffrep ({args.backbone}), N={n} labelled slices, seed {s}; "
+                                            f"uncertainty = vote entropy of {args.members} MLPs")
+    memory = None
+    if not args.skip_memory:
+        with watch("memory comparison"):
+            memory = measure_memory(args, selection["diffrep"]["chosen"], train, test)
+    targets = compute_targets(args, rows, memory)
+    payload = {**meta, **describe_run(args, backbone, train, val, test, labelled),
                "selection": selection, "rows": rows, "memory": memory, "targets": targets,
-               "figures": {"overlays": str(figure) if figure else None},
-               "notes": [note for note in (
-                   "the control's nodes/timesteps are its own val selection on the same grid",
-                   "quick mode: tiny subsets and heads, numbers are a smoke test only" if args.quick else "",
-                   "random-brain backbone: untrained, targets not meaningful" if args.backbone == "random-brain" else "",
-               ) if note]}
+               "figures": {"overlays": str(figure) if figure else None}, "notes": _notes(args)}
     payload = {**payload, **finish_metadata(meta, watch)}
     path = write_json(payload, out / f"segmentation_brain{suffix}.json")
     print(f"wrote {path} in {watch.total()} s")
