@@ -123,7 +123,7 @@ def test_torchrun_two_processes_write_the_same_file_and_finish_a_single_process_
     images = make_images(backbone, n=9)
     np.save(tmp_path / "x.npy", images.numpy())
     args = ["extract", str(tmp_path / "ckpt"), str(tmp_path / "x.npy"), "--nodes", "down.1", "mid",
-            "--timesteps", "10", "300", "--batch-size", "4"]
+            "--timesteps", "10", "300", "--batch-size", "2"]  # 5 chunks of 2 images
     from diffrep.cli import main
 
     assert main(args + ["--out", str(tmp_path / "one.safetensors")]) == 0
@@ -139,7 +139,7 @@ def test_torchrun_two_processes_write_the_same_file_and_finish_a_single_process_
 
     monkeypatch.setattr(FeatureExtractor, "__call__", dies_at_third)
     with pytest.raises(KeyboardInterrupt):
-        extract_to_file(backbone, images, ["down.1", "mid"], [10, 300], tmp_path / "resumed.safetensors", batch_size=4)
+        extract_to_file(backbone, images, ["down.1", "mid"], [10, 300], tmp_path / "resumed.safetensors", batch_size=2)
     monkeypatch.setattr(FeatureExtractor, "__call__", original)
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
