@@ -15,7 +15,9 @@ from diffrep.heads import (
     select_node_timestep,
 )
 
-from .conftest import make_backbone, make_images
+from diffrep.backbones import Backbone, BackboneConfig
+
+from .conftest import TINY_CONFIGS, make_backbone, make_images
 
 A, B, C = FeatureKey("up.0", 5), FeatureKey("up.1", 5), FeatureKey("mid", 50)
 
@@ -316,8 +318,12 @@ def test_benchmark_writes_json_and_heatmap(tmp_path, tiny_dir):
             "--val-fraction", "0.25", "--timesteps", "1", "5", "--nodes", "mid", "up.0", "--labels-per-class", "2",
             "--seeds", "0", "1", "--cnn-epochs", "1", "--threads", "1", "--quiet",
             "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    untrained = tmp_path / "untrained-backbone"
+    torch.manual_seed(5)
+    Backbone(BackboneConfig(unet=TINY_CONFIGS["2d-2level"])).save(untrained)  # plain seed-5 initialisation
+    untrained_argv = [str(untrained) if a == str(tiny_dir) else a for a in argv]
     with pytest.raises(ValueError, match="untrained"):
-        bench.main(argv + ["--random-init-seed", "5"])  # the same weights as the "pretrained" backbone
+        bench.main(untrained_argv + ["--random-init-seed", "5"])  # the control would equal the backbone
     payload = bench.main(argv + ["--random-init-seed", "0"])
     saved = json.loads((tmp_path / "out" / "classification_fmnist_quick.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(payload["rows"]))
