@@ -6,8 +6,8 @@ A diffusers UNet2DModel has the same block structure as MONAI's DiffusionModelUN
 discovery uses, so the nodes are the usual ``down.{i}``, ``mid`` and ``up.{i}`` with the same
 strides, and every extractor, head and scorer works unchanged.
 
-Only local directories are read (``local_files_only=True``): download a hub model yourself, then
-point diffrep at the folder. Accepted layouts:
+This module reads local directories only (``local_files_only=True``); Hub repository ids are
+resolved to a snapshot folder by ``diffrep.backbones.hub`` first. Accepted layouts:
 
 - a pipeline folder: ``model_index.json``, ``unet/`` and ``scheduler/``;
 - a model folder: ``config.json`` with ``"_class_name": "UNet2DModel"`` plus its weights, with the

@@ -31,24 +31,42 @@ def zoo_entries() -> list[dict[str, Any]]:
     return entries
 
 
-def load_backbone(path_or_name: str | os.PathLike, device: str | torch.device = "cpu") -> Backbone:
-    """Load a backbone from a checkpoint directory or by the name of a shipped default (offline).
+def load_backbone(path_or_name: str | os.PathLike, device: str | torch.device = "cpu",
+                  cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None) -> Backbone:
+    """Load a backbone from a checkpoint directory, a shipped default's name, or a Hub repository id.
 
-    A directory is a diffrep checkpoint (config.json + model.safetensors) or a diffusers
-    UNet2DModel pipeline/model folder (see ``diffrep.backbones.diffusers_import``).
+    Resolution order: an existing directory (a diffrep checkpoint, config.json + model.safetensors, or
+    a diffusers UNet2DModel pipeline/model folder, see ``diffrep.backbones.diffusers_import``); the
+    name of a shipped default; a Hugging Face id ``owner/name[@revision]``, read from the local Hub
+    cache (``cache_dir``) and downloaded only where a network is reachable and ``local_files_only``
+    is false (see ``diffrep.backbones.hub``).
     """
     path = Path(path_or_name)
     if path.is_dir():
-        from .diffusers_import import is_diffusers_dir, load_diffusers_unet
-
-        if is_diffusers_dir(path):
-            return load_diffusers_unet(path).to(device)
-        return load_checkpoint(path).to(device)
+        return _load_directory(path).to(device)
     name = str(path_or_name)
     if name in zoo_names():
         return load_checkpoint(ZOO_DIR / name).to(device)
-    raise CheckpointError(
-        f"load_backbone: {name!r} is neither a checkpoint directory nor a shipped default; "
-        f"shipped defaults are {zoo_names() or '(none installed)'}"
-    )
+    from .hub import parse_hub_id, resolve_hub_id
 
+    hub_id = parse_hub_id(name)
+    if hub_id is None or path.exists():
+        raise CheckpointError(
+            f"load_backbone: {name!r} is neither a checkpoint directory, a shipped default nor a Hub id "
+            f"'owner/name[@revision]'; shipped defaults are {zoo_names() or '(none installed)'}"
+        )
+    try:
+        folder = resolve_hub_id(hub_id, cache_dir, local_files_only)
+    except CheckpointError as exc:
+        raise CheckpointError(f"load_backbone: {name!r} is not a directory or a shipped default "
+                              f"({zoo_names() or 'none installed'}), and as a Hub id: {exc}") from exc
+    return _load_directory(folder).to(device)
+
+
+def _load_directory(path: Path) -> Backbone:
+    """A diffusers folder or a diffrep checkpoint directory."""
+    from .diffusers_import import is_diffusers_dir, load_diffusers_unet
+
+    if is_diffusers_dir(path):
+        return load_diffusers_unet(path)
+    return load_checkpoint(path)

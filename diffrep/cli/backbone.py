@@ -79,7 +79,7 @@ def _cmd_import_monai(args: argparse.Namespace) -> int:
 def add_nodes_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``diffrep nodes`` on an ``add_subparsers()`` object."""
     p = subparsers.add_parser("nodes", help="list a backbone's feature nodes")
-    p.add_argument("checkpoint", help="checkpoint directory or shipped default name")
+    p.add_argument("checkpoint", help="checkpoint directory, shipped default name or Hub id owner/name[@revision]")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_nodes)
     return p
