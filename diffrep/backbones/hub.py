@@ -9,8 +9,9 @@ diffusers folder (:mod:`diffrep.backbones.diffusers_import`), so a hub model and
 give the same backbone.
 
 Only the files a diffusers UNet2DModel pipeline needs are fetched (JSON configs, the U-Net and
-scheduler folders, safetensors weights); pickled ``.bin`` weights are not, since diffrep never
-unpickles weights.
+scheduler folders, safetensors weights). Pickled ``.bin`` weights are not fetched: a repository that
+holds only those loads as a local folder after a manual download (diffusers reads them with
+``weights_only``), and through an id it fails with the "could not read the UNet weights" error.
 """
 from __future__ import annotations
 
