@@ -40,7 +40,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         import torch
 
         out = extract_to_file(backbone, images, args.nodes, args.timesteps, Path(args.out), noise=args.noise,
-                              seed=args.seed, batch_size=args.batch_size, dtype=getattr(torch, args.dtype),
+                              seed=args.seed, batch_size=args.batch_size, dtype=args.dtype,
                               progress=True)
     shutdown(context)
     if context.is_main:
