@@ -123,7 +123,7 @@ def make_head(args: argparse.Namespace, seed: int, grid: bool = False) -> PixelC
     """The pixel MLP ensemble; the val grid uses a lighter one (fewer members and epochs) to rank configs."""
     return PixelClassifier(num_classes=NUM_CLASSES, n_members=args.grid_members if grid else args.members,
                            epochs=args.grid_epochs if grid else args.epochs,
-                           batch_size=args.batch_size, max_pixels_in_memory=args.max_pixels, random_state=seed)
+                           batch_size=args.batch_size, max_pixels_in_memory=args.max_pixels, seed=seed)
 
 
 def scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, Any]:

@@ -119,6 +119,46 @@ def test_every_fitted_head_and_scorer_round_trips_with_equal_outputs(tmp_path, c
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # bit for bit on CPU
 
 
+# The parameter names version 1 wrote (before issue 12 item 3), spelled out here independently of the library's
+# alias table (diffrep._legacy_formats.RENAMED_PARAMS): today's name -> the old one.
+VERSION_1_NAMES = {"LinearProbe": {"seed": "random_state"},
+                   "PixelClassifier": {"seed": "random_state", "standardise": "standardize"}}
+
+
+def _as_version_1(folder) -> None:
+    """Rewrite every config.json below ``folder`` as version 1 wrote it: the old parameter names."""
+    for path in sorted(folder.rglob(CONFIG_NAME)):
+        config = json.loads(path.read_text())
+        old = VERSION_1_NAMES.get(config["class"], {})
+        config["params"] = {old.get(k, k): v for k, v in config["params"].items()}
+        path.write_text(json.dumps({**config, "format_version": 1}))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_version_1_folder_with_the_old_parameter_names_loads_with_equal_outputs(tmp_path, case):
+    backbone, x, m = _data()
+    fitted, outputs = CASES[case](backbone, x, m)
+    expected = outputs(fitted)
+    save_fitted(fitted, tmp_path / "saved")
+    _as_version_1(tmp_path / "saved")
+    loaded = load_fitted(tmp_path / "saved", backbone=backbone if case in NEEDS_BACKBONE else None)
+    assert type(loaded) is type(fitted) and _plain_params(loaded) == _plain_params(fitted)
+    for got, want in zip(outputs(loaded), expected, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_the_alias_table_maps_every_old_name_to_a_parameter_of_today():
+    import inspect
+
+    from diffrep._legacy_formats import RENAMED_PARAMS
+    from diffrep.persistence import CLASSES
+
+    assert RENAMED_PARAMS == {cls: {old: new for new, old in names.items()} for cls, names in VERSION_1_NAMES.items()}
+    for cls, names in RENAMED_PARAMS.items():
+        init = getattr(__import__(CLASSES[cls], fromlist=[cls]), cls).__init__
+        assert set(names.values()) <= set(inspect.signature(init).parameters), cls
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_a_truncated_or_corrupt_state_file_is_refused_naming_it(tmp_path, case):
     backbone, x, m = _data()
@@ -132,8 +172,10 @@ def test_a_truncated_or_corrupt_state_file_is_refused_naming_it(tmp_path, case):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"format_version": 2}, r"config\.json: expected format 'diffrep-fitted' version 1, got 'diffrep-fitted' version 2"),
-    ({"format": "diffrep-backbone"}, r"config\.json: expected format 'diffrep-fitted' version 1, got 'diffrep-backbone'"),
+    ({"format_version": 3}, r"config\.json: expected format 'diffrep-fitted' version 2 \(or 1\), got 'diffrep-fitted' "
+                            r"version 3"),
+    ({"format": "diffrep-backbone"}, r"config\.json: expected format 'diffrep-fitted' version 2 \(or 1\), got "
+                                     r"'diffrep-backbone'"),
     ({"class": "os.system"}, r"config\.json: expected a class among \[.*\], got 'os.system'"),
 ])
 def test_a_wrong_format_version_or_class_is_refused_naming_the_config(tmp_path, change, match):
@@ -227,7 +269,8 @@ def test_loading_asks_for_the_class_it_gets(tmp_path):
     _probe(backbone, x, m)[0].save(tmp_path)
     with pytest.raises(ValueError, match=r"config\.json: expected a saved PixelClassifier, got a saved LinearProbe"):
         PixelClassifier.load(tmp_path)
-    with pytest.raises(ValueError, match=r"config\.json: expected format 'diffrep-fitted' version 1, got 'diffrep-backbone'"):
+    with pytest.raises(ValueError, match=r"config\.json: expected format 'diffrep-fitted' version 2 \(or 1\), got "
+                                         r"'diffrep-backbone'"):
         backbone.save(tmp_path / "bb")
         load_fitted(tmp_path / "bb")
 
