@@ -5,7 +5,7 @@ Data (MNI152 slices, 64 x 64; synthetic lesions from ``diffrep.data.lesions``):
   feature-distance memory banks, the DAE, which trains on it with the brain augmentation of brain-ddpm);
 - selection: a lesioned validation set, ``copies`` augmented copies of the val split (14 slices) with
   lesions in half of them, drawn from a lesion-seed range the test sets never use. Every setting
-  (noise level L, noise type, mask erosion, median filter, ensemble levels, feature nodes/timesteps)
+  (timestep L, noise type, mask erosion, median filter, ensemble levels, feature nodes/timesteps)
   is chosen there by pixel AUPRC; the whole table is written to the JSON;
 - thresholds: healthy validation slices (the val split, augmented copies, no lesions) fix the threshold
   that flags 1% of healthy brain pixels ("Dice at 1% FPR");
@@ -166,11 +166,16 @@ class Spec:
     noisy: bool = True     # False: the scorer draws no noise, so noise seeds cannot change its maps
 
 
+# A row's settings keep the names the result JSONs record (report.py and earlier runs read them): "noise" is a
+# NOISES key (the library's noise_type and its options), "noise_level" the timestep L, "draws" the number of
+# per-image draws averaged (the policy "per_image_ensemble(k)"), "levels" a multi-level ensemble's timesteps.
 def recon(backbone: Backbone, s: dict) -> ReconstructionScorer:
-    kind, options = NOISES[s["noise"]]
-    return ReconstructionScorer(backbone, noise_level=s["noise_level"], noise=kind, noise_options=options,
+    noise_type, options = NOISES[s["noise"]]
+    draws = s.get("draws", 1)
+    return ReconstructionScorer(backbone, timestep=s["noise_level"], noise_type=noise_type, noise_type_options=options,
                                 reverse=s["reverse"], ddim_steps=s.get("k", 5), residual=s.get("residual", "l1"),
-                                erode=s["erode"], median=s["median"], seed=s.get("seed", 0), draws=s.get("draws", 1))
+                                erode=s["erode"], median=s["median"], seed=s.get("seed", 0),
+                                noise="per_image" if draws == 1 else f"per_image_ensemble({draws})")
 
 
 def calibrated(backbone: Backbone, s: dict) -> CalibratedScorer:
@@ -180,9 +185,9 @@ def calibrated(backbone: Backbone, s: dict) -> CalibratedScorer:
 
 
 def ensemble(backbone: Backbone, s: dict) -> MultiLevelScorer:
-    kind, options = NOISES[s["noise"]]
-    return MultiLevelScorer(backbone, levels=tuple(s["levels"]), erode=s["erode"], median=s["median"],
-                            scorer_params={"reverse": "x0", "noise": kind, "noise_options": options,
+    noise_type, options = NOISES[s["noise"]]
+    return MultiLevelScorer(backbone, timesteps=tuple(s["levels"]), erode=s["erode"], median=s["median"],
+                            scorer_params={"reverse": "x0", "noise_type": noise_type, "noise_type_options": options,
                                            "seed": s.get("seed", 0)})
 
 

@@ -27,13 +27,29 @@ LEGACY_DAE_FORMAT = "diffrep-dae"
 RENAMED_PARAMS = {
     "LinearProbe": {"random_state": "seed"},
     "PixelClassifier": {"random_state": "seed", "standardize": "standardise"},
+    "ReconstructionScorer": {"noise_level": "timestep", "noise": "noise_type", "noise_options": "noise_type_options"},
+    "MultiLevelScorer": {"levels": "timesteps"},
 }
+# The one value that changed form: ReconstructionScorer's per_image_noise (bool) and draws (int) became its
+# noise policy ``noise`` (per_image_noise=True, draws=k: "per_image" or "per_image_ensemble(k)"; False:
+# "shared" or "ensemble(k)"). Absent old keys take their old defaults (True, 1).
+_OLD_POLICY_KEYS = ("per_image_noise", "draws")
 
 
 def upgrade_params(class_name: str, params: dict[str, Any]) -> dict[str, Any]:
-    """``params`` of a ``class_name`` saved under the old names (see :data:`RENAMED_PARAMS`), renamed."""
+    """``params`` of a ``class_name`` saved under the old names (see :data:`RENAMED_PARAMS`), renamed.
+    A MultiLevelScorer's ``scorer_params`` (ReconstructionScorer parameters) are upgraded too."""
     renamed = RENAMED_PARAMS.get(class_name, {})
-    return {renamed.get(k, k): v for k, v in params.items()}
+    out = {renamed.get(k, k): v for k, v in params.items()}
+    if class_name == "ReconstructionScorer" and any(k in out for k in _OLD_POLICY_KEYS):
+        from .features.noise_policy import NoisePolicy
+
+        per_image, draws = bool(out.pop("per_image_noise", True)), int(out.pop("draws", 1))
+        kind = "per_image" if per_image else ("shared" if draws == 1 else "ensemble")
+        out["noise"] = str(NoisePolicy(kind, draws))
+    if class_name == "MultiLevelScorer" and isinstance(out.get("scorer_params"), dict):
+        out["scorer_params"] = upgrade_params("ReconstructionScorer", out["scorer_params"])
+    return out
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -23,7 +23,10 @@ import torch.nn.functional as F
 
 from .errors import as_dtype, check_positive_int
 
-NOISE_KINDS = ("gaussian", "simplex", "coarse")
+# The noise types (distributions) make_noise draws. The first two are zero-mean, unit-variance fields that
+# can stand in for eps in q(x_t | x_0) (the reconstruction scorers' noise types); coarse noise is the DAE's.
+EPS_NOISE_TYPES = ("gaussian", "simplex")
+NOISE_TYPES = (*EPS_NOISE_TYPES, "coarse")
 
 
 def _check_shape(shape: Any, name: str = "shape") -> tuple[int, ...]:
@@ -169,9 +172,10 @@ def coarse_noise(shape: tuple[int, ...], *, resolution: int = 16, std: float = 0
     return out.to(device) if device is not None else out
 
 
-def make_noise(kind: str, shape: tuple[int, ...], generator: torch.Generator | None = None, **kwargs: Any) -> torch.Tensor:
-    """Draw noise of the named kind: "gaussian", "simplex" or "coarse"; ``kwargs`` go to that function."""
+def make_noise(noise_type: str, shape: tuple[int, ...], generator: torch.Generator | None = None,
+               **kwargs: Any) -> torch.Tensor:
+    """Draw noise of the named type: "gaussian", "simplex" or "coarse"; ``kwargs`` go to that function."""
     functions = {"gaussian": gaussian_noise, "simplex": simplex_noise, "coarse": coarse_noise}
-    if kind not in functions:
-        raise ValueError(f"kind: expected one of {', '.join(repr(k) for k in NOISE_KINDS)}, got {kind!r}")
-    return functions[kind](shape, generator=generator, **kwargs)
+    if noise_type not in functions:
+        raise ValueError(f"noise_type: expected one of {', '.join(repr(k) for k in NOISE_TYPES)}, got {noise_type!r}")
+    return functions[noise_type](shape, generator=generator, **kwargs)

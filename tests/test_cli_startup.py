@@ -61,14 +61,17 @@ def test_import_diffrep_is_lazy_and_its_public_names_still_work():
 
 def test_cli_vocabularies_equal_the_library_constants():
     """The option vocabularies spelled in the CLI (so the parser needs no torch) are the library's."""
+    from diffrep import noise
     from diffrep.anomaly import reconstruction
     from diffrep.cli import anomaly, build_parser, probe
+    from diffrep.features import noise_policy
     from diffrep.features.cache import DEFAULT_CACHE_DIR
     from diffrep.pipelines import probe as probe_pipeline
     from diffrep.pipelines import segmentation
 
-    assert (anomaly.REVERSE_MODES, anomaly.NOISE_KINDS, anomaly.RESIDUALS) == (
-        reconstruction.REVERSE_MODES, reconstruction.NOISE_KINDS, reconstruction.RESIDUALS)
+    assert (anomaly.REVERSE_MODES, anomaly.NOISE_TYPES, anomaly.NOISE_POLICIES, anomaly.RESIDUALS) == (
+        reconstruction.REVERSE_MODES, noise.EPS_NOISE_TYPES, noise_policy.RECONSTRUCTION_POLICIES,
+        reconstruction.RESIDUALS)
     assert probe.DATASETS == probe_pipeline.DATASETS
     commands = build_parser()._subparsers._group_actions[0].choices
     probe_help = " ".join(commands["probe"].format_help().split())  # unwrapped
