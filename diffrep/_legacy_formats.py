@@ -42,11 +42,9 @@ def upgrade_params(class_name: str, params: dict[str, Any]) -> dict[str, Any]:
     renamed = RENAMED_PARAMS.get(class_name, {})
     out = {renamed.get(k, k): v for k, v in params.items()}
     if class_name == "ReconstructionScorer" and any(k in out for k in _OLD_POLICY_KEYS):
-        from .features.noise_policy import NoisePolicy
-
         per_image, draws = bool(out.pop("per_image_noise", True)), int(out.pop("draws", 1))
-        kind = "per_image" if per_image else ("shared" if draws == 1 else "ensemble")
-        out["noise"] = str(NoisePolicy(kind, draws))
+        ensemble = f"per_image_ensemble({draws})" if per_image else f"ensemble({draws})"
+        out["noise"] = ("per_image" if per_image else "shared") if draws == 1 else ensemble
     if class_name == "MultiLevelScorer" and isinstance(out.get("scorer_params"), dict):
         out["scorer_params"] = upgrade_params("ReconstructionScorer", out["scorer_params"])
     return out
