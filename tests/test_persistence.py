@@ -107,6 +107,23 @@ def _plain_params(obj) -> dict:
                                                                       any(isinstance(i, AnomalyScorer) for i in v))}
 
 
+def test_the_cases_cover_every_saveable_class_and_every_class_with_fit():
+    """The round trip below is parametrised over one case (at least) of every class save_fitted takes, and
+    every head or scorer class of the library with a ``fit`` is among them."""
+    import ast
+    from pathlib import Path
+
+    from diffrep.persistence import CLASSES
+
+    backbone, x, m = _data()
+    assert {type(make(backbone, x, m)[0]).__name__ for make in CASES.values()} == set(CLASSES)
+    root = Path(__file__).resolve().parents[1] / "diffrep"
+    with_fit = {node.name for path in root.rglob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.ClassDef) and any(isinstance(f, ast.FunctionDef) and f.name == "fit"
+                                                         for f in node.body)}
+    assert with_fit - {"AnomalyScorer"} <= set(CLASSES)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_fitted_head_and_scorer_round_trips_with_equal_outputs(tmp_path, case):
     backbone, x, m = _data()
