@@ -5,7 +5,7 @@ Data (MNI152 slices, 64 x 64; synthetic lesions from ``diffrep.data.lesions``):
   feature-distance memory banks, the DAE, which trains on it with the brain augmentation of brain-ddpm);
 - selection: a lesioned validation set, ``copies`` augmented copies of the val split (14 slices) with
   lesions in half of them, drawn from a lesion-seed range the test sets never use. Every setting
-  (noise level L, noise type, mask erosion, median filter, ensemble levels, feature nodes/timesteps)
+  (timestep L, noise type, mask erosion, median filter, ensemble levels, feature nodes/timesteps)
   is chosen there by pixel AUPRC; the whole table is written to the JSON;
 - thresholds: healthy validation slices (the val split, augmented copies, no lesions) fix the threshold
   that flags 1% of healthy brain pixels ("Dice at 1% FPR");
@@ -27,6 +27,9 @@ reconstruction scorer and the feature-distance scorer, each with its validation-
 Columns: pixel AUPRC, best Dice, Dice at 1% healthy FPR, pixel AUROC, image AUROC/AP, U-Net calls per
 slice and seconds per slice. Timing: every method scores the same test set in
 one process, methods interleaved within each (lesion seed, noise seed); the median over them is reported.
+
+Settings: ``configs/benchmarks/anomaly_brain.yaml`` (``full``; ``quick`` over it with ``--quick``; the
+options given over both).
 
 Writes ``--out`` (default benchmarks/results/anomaly_brain.json) and ``<out stem>_maps.png`` next to it.
 
@@ -50,8 +53,8 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from anomaly_cache import MapCache  # noqa: E402
-from common import (RESULTS_DIR, Stopwatch, finish_metadata, mean_std, merge_settings, random_init_control,  # noqa: E402
-                    run_metadata, write_json)
+from common import (RESULTS_DIR, Stopwatch, finish_metadata, load_settings, mean_std, merge_settings,  # noqa: E402
+                    random_init_control, run_metadata, write_json)
 
 from diffrep import load_backbone  # noqa: E402
 from diffrep.anomaly import (CalibratedScorer, DAEScorer, FeatureDistanceScorer, MultiLevelScorer, ReconstructionScorer,  # noqa: E402
@@ -67,17 +70,7 @@ from diffrep.digests import array_digest, backbone_identity, json_digest  # noqa
 REPO = Path(__file__).resolve().parents[1]
 NOISES = {"gaussian": ("gaussian", None), "simplex": ("simplex", None),  # simplex defaults = AnoDDPM's (64 px)
           "simplex-f16": ("simplex", {"frequency": 16.0})}             # AnoDDPM's 64 px at 256^2, scaled to 64^2
-FULL = {"slices": None, "copies": 4, "test_copies": 2, "seeds": [0, 1, 2], "noise_seeds": [0, 1, 2], "anoddpm_level": 249, "x0_levels": [100, 250, 500, 750],
-        "ddim_steps": [2, 5, 10], "ddim_levels": [100, 250, 500], "noises": list(NOISES),
-        "ensembles": [[100, 250, 500], [250, 500, 750]], "feature_methods": ["knn", "gaussian"],
-        "feature_nodes": [["up.1", "up.2"], ["down.1", "up.1"]], "feature_timesteps": [[50], [150]],
-        "erode": [0, 2, 4], "median": [0, 3, 5], "dae_steps": 3000, "max_pixels": 20000, "pca": 32,
-        "draws": [4, 8], "draws_levels": [250, 500], "calibrated_levels": [250, 500], "calibration_bins": 16}
-QUICK = {**FULL, "slices": 3, "copies": 2, "test_copies": 2, "seeds": [0], "noise_seeds": [0, 1], "anoddpm_level": 19, "x0_levels": [100, 500],
-         "ddim_levels": [250], "noises": ["gaussian", "simplex"], "ensembles": [[100, 500]], "feature_methods": ["knn"],
-         "feature_nodes": [["up.1", "up.2"]], "feature_timesteps": [[50]], "erode": [0, 2], "median": [0, 3],
-         "dae_steps": 3, "max_pixels": 2000, "pca": 8, "draws": [2], "draws_levels": [500],
-         "calibrated_levels": [500], "calibration_bins": 4}
+FULL, QUICK = load_settings("anomaly_brain")  # configs/benchmarks/anomaly_brain.yaml
 DAE_NAME = "DAE (coarse noise, Kascenas et al.)"
 TARGETS = {"max_unet_calls": 10, "anoddpm_auprc_gain_min": 0.10, "anoddpm_calls_ratio_min": 25.0}
 METRICS = ("pixel_auprc", "best_dice", "dice_at_fpr", "pixel_auroc", "image_auroc", "image_ap")
@@ -90,7 +83,8 @@ SEEDS = {"test_lesions": 1000, "val_lesions": 10**6, "test_aug": 500_000, "val_a
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="brain-ddpm", help="checkpoint directory or shipped default name")
-    p.add_argument("--quick", action="store_true", help="few slices, 1 seed, AnoDDPM L=20, tiny grids and DAE")
+    p.add_argument("--quick", action="store_true", help="few slices, 1 seed, AnoDDPM L=20, tiny grids and DAE (the quick "
+                   "section of configs/benchmarks/anomaly_brain.yaml)")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="lesion-generator seeds (default 0 1 2)")
     p.add_argument("--noise-seeds", nargs="+", type=int, default=None,
                    help="scorer noise seeds, each applied to every lesion seed (default 0 1 2)")
@@ -166,11 +160,16 @@ class Spec:
     noisy: bool = True     # False: the scorer draws no noise, so noise seeds cannot change its maps
 
 
+# A row's settings keep the names the result JSONs record (report.py and earlier runs read them): "noise" is a
+# NOISES key (the library's noise_type and its options), "noise_level" the timestep L, "draws" the number of
+# per-image draws averaged (the policy "per_image_ensemble(k)"), "levels" a multi-level ensemble's timesteps.
 def recon(backbone: Backbone, s: dict) -> ReconstructionScorer:
-    kind, options = NOISES[s["noise"]]
-    return ReconstructionScorer(backbone, noise_level=s["noise_level"], noise=kind, noise_options=options,
+    noise_type, options = NOISES[s["noise"]]
+    draws = s.get("draws", 1)
+    return ReconstructionScorer(backbone, timestep=s["noise_level"], noise_type=noise_type, noise_type_options=options,
                                 reverse=s["reverse"], ddim_steps=s.get("k", 5), residual=s.get("residual", "l1"),
-                                erode=s["erode"], median=s["median"], seed=s.get("seed", 0), draws=s.get("draws", 1))
+                                erode=s["erode"], median=s["median"], seed=s.get("seed", 0),
+                                noise="per_image" if draws == 1 else f"per_image_ensemble({draws})")
 
 
 def calibrated(backbone: Backbone, s: dict) -> CalibratedScorer:
@@ -180,9 +179,9 @@ def calibrated(backbone: Backbone, s: dict) -> CalibratedScorer:
 
 
 def ensemble(backbone: Backbone, s: dict) -> MultiLevelScorer:
-    kind, options = NOISES[s["noise"]]
-    return MultiLevelScorer(backbone, levels=tuple(s["levels"]), erode=s["erode"], median=s["median"],
-                            scorer_params={"reverse": "x0", "noise": kind, "noise_options": options,
+    noise_type, options = NOISES[s["noise"]]
+    return MultiLevelScorer(backbone, timesteps=tuple(s["levels"]), erode=s["erode"], median=s["median"],
+                            scorer_params={"reverse": "x0", "noise_type": noise_type, "noise_type_options": options,
                                            "seed": s.get("seed", 0)})
 
 

@@ -12,6 +12,9 @@ Protocol (DDAE-style linear probe, Xiang et al. ICCV 2023, with the search kept 
 - label efficiency: 10 and 100 labels per class from the fit part, mean +- std over 3 seeds, for
   diffrep and both controls, with the (node, t) chosen at full labels.
 
+Settings: ``configs/benchmarks/classification.yaml`` (``full``; ``quick`` over it with ``--quick``; the
+options given over both).
+
 Writes ``classification_fmnist.json`` and ``classification_fmnist_heatmap.png`` (``_quick`` variants
 with ``--quick``) to ``--out``. Features are cached (``--cache-dir``), so a rerun only refits heads.
 
@@ -29,8 +32,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS_DIR, Stopwatch, finish_metadata, mean_std, merge_settings, random_init_control,  # noqa: E402
-                    run_metadata, write_json)
+from common import (RESULTS_DIR, Stopwatch, finish_metadata, load_settings, mean_std, merge_settings,  # noqa: E402
+                    random_init_control, run_metadata, write_json)
 
 from diffrep import load_backbone  # noqa: E402
 from diffrep._atomic import atomic_savefig  # noqa: E402
@@ -38,7 +41,7 @@ from diffrep.backbones import Backbone  # noqa: E402
 from diffrep.data.fashion_mnist import load_fashion_mnist, to_tensor_images  # noqa: E402
 from diffrep.features.cache import DEFAULT_CACHE_DIR  # noqa: E402
 from diffrep.heads import LinearProbe, key_name, sample_per_class, stack_features  # noqa: E402
-from diffrep.pipelines.probe import DEFAULT_TIMESTEPS, ProbeRun, load_probe_dataset, run_probe  # noqa: E402
+from diffrep.pipelines.probe import ProbeRun, load_probe_dataset, run_probe  # noqa: E402
 
 ANCHORS = {  # published Fashion-MNIST test accuracies to read our numbers against (not measured here)
     "logistic regression, raw pixels": 0.84,
@@ -46,22 +49,20 @@ ANCHORS = {  # published Fashion-MNIST test accuracies to read our numbers again
     "2-layer CNN": "0.91-0.92",
 }
 TARGETS = {"full_labels_test_acc_min": 0.92, "labels10_gain_over_raw_pixels_min": 0.10}
-FULL = {"grid_fit": 10000, "val_fraction": 0.1, "timesteps": list(DEFAULT_TIMESTEPS), "cnn_epochs": 5,
-        "chunk_size": 1000, "limit_train": None, "limit_test": None}
-QUICK = {"limit_train": 2000, "limit_test": 1000, "grid_fit": 1000, "val_fraction": 0.2, "timesteps": [1, 50],
-         "cnn_epochs": 1, "chunk_size": 500}
+FULL, QUICK = load_settings("classification")  # configs/benchmarks/classification.yaml
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="fmnist-ddpm", help="checkpoint directory or shipped default name")
-    p.add_argument("--quick", action="store_true", help=f"small subsets for a smoke run: {QUICK}")
+    p.add_argument("--quick", action="store_true",
+                   help="small subsets for a smoke run (the quick section of configs/benchmarks/classification.yaml)")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
     p.add_argument("--out", default=str(RESULTS_DIR))
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="noise, validation split and CNN seed")
     p.add_argument("--random-init-seed", type=int, default=None, help="seed of the random-init U-Net (default --seed)")
-    p.add_argument("--timesteps", nargs="+", type=int, default=None, help=f"grid (default {list(DEFAULT_TIMESTEPS)})")
+    p.add_argument("--timesteps", nargs="+", type=int, default=None, help=f"grid (default {FULL['timesteps']})")
     p.add_argument("--nodes", nargs="+", default=None, help="grid nodes (default: all)")
     p.add_argument("--noise", default="shared")
     p.add_argument("--pool-grid", type=int, default=1,

@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: run metadata (command, versions, machine) and JSON output."""
+"""Shared benchmark plumbing: settings (configs/benchmarks/), run metadata (command, versions, machine) and JSON output."""
 from __future__ import annotations
 
 import copy
@@ -14,6 +14,28 @@ from typing import Any, Callable, Mapping
 from diffrep._atomic import atomic_write_json
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SETTINGS_DIR = Path(__file__).resolve().parents[1] / "configs" / "benchmarks"
+
+
+def load_settings(name: str, directory: str | Path = SETTINGS_DIR) -> tuple[dict[str, Any], dict[str, Any]]:
+    """FULL and QUICK of benchmark ``name``: the sections ``full`` and ``quick`` of ``configs/benchmarks/NAME.yaml``.
+
+    ``quick`` holds the settings ``--quick`` replaces and may only name settings of ``full``; anything else
+    (a missing file, other sections, an unknown name) is a ValueError naming the file.
+    """
+    import yaml
+
+    path = Path(directory) / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"{path}: expected the settings of benchmark {name!r} (sections full and quick), not found")
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or set(data) != {"full", "quick"} or not all(isinstance(v, dict) for v in data.values()):
+        got = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path}: expected two mappings, full and quick, got {got}")
+    unknown = sorted(set(data["quick"]) - set(data["full"]))
+    if unknown:
+        raise ValueError(f"{path}: quick: {unknown} are not settings of full; expected some of {sorted(data['full'])}")
+    return data["full"], data["quick"]
 
 
 def merge_settings(full: Mapping[str, Any], quick: Mapping[str, Any], use_quick: bool,

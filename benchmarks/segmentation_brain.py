@@ -28,6 +28,9 @@ Peak RSS (VmHWM) is read inside the
 process after a warm-up pass; the ratio is taken over the peak above the RSS at the reset (the memory
 the work needs); total peak RSS (interpreter, torch and MONAI included) is reported beside it.
 
+Settings: ``configs/benchmarks/segmentation_brain.yaml`` (``full``; ``quick`` over it with ``--quick``; the
+options given over both).
+
     python benchmarks/segmentation_brain.py [--backbone brain-ddpm] [--quick] [--threads 1] [--out DIR]
 """
 from __future__ import annotations
@@ -44,8 +47,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS_DIR, Stopwatch, finish_metadata, mean_std, merge_settings, random_init_control,  # noqa: E402
-                    run_metadata, write_json)
+from common import (RESULTS_DIR, Stopwatch, finish_metadata, load_settings, mean_std, merge_settings,  # noqa: E402
+                    random_init_control, run_metadata, write_json)
 from memory import PeakMeter, report, run_measured  # noqa: E402
 
 from diffrep import FeatureKey, load_backbone, upsample_concat  # noqa: E402
@@ -68,21 +71,15 @@ TIMESTEP_SETS = {"t50-150-250": [50, 150, 250], "t10-50-100": [10, 50, 100], "t1
 SELECT_N = 5
 TARGETS = {"n5_gain_over_control_points": 3.0, "n5_gain_over_supervised_points": 3.0,
            "memory_ratio_min": 10.0, "equal_miou_tolerance_points": 1.0}
-FULL = {"ns": [1, 5, 10], "seeds": [0, 1, 2], "members": 10, "epochs": 10, "batch_size": 64, "max_pixels": 50_000,
-        "grid_members": 5, "grid_epochs": 5,
-        "grid_nodes": list(NODE_SETS), "grid_timesteps": list(TIMESTEP_SETS), "sup_steps": 400, "sup_batch": 8,
-        "val_limit": None, "test_limit": None, "memory_augment": 3, "memory_limit": None}
-QUICK = {"ns": [1, 5], "seeds": [0], "members": 3, "epochs": 2, "batch_size": 64, "max_pixels": 4000,
-         "grid_members": 3, "grid_epochs": 2,
-         "grid_nodes": ["decoder5", "encoder4"], "grid_timesteps": ["t50-150-250", "t10"], "sup_steps": 20,
-         "sup_batch": 4, "val_limit": 4, "test_limit": 6, "memory_augment": 0, "memory_limit": 16}
+FULL, QUICK = load_settings("segmentation_brain")  # configs/benchmarks/segmentation_brain.yaml
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="brain-ddpm",
                    help="checkpoint directory, shipped default name, or 'random-brain' (untrained, smoke runs)")
-    p.add_argument("--quick", action="store_true", help=f"tiny smoke run: {QUICK}")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny smoke run (the quick section of configs/benchmarks/segmentation_brain.yaml)")
     p.add_argument("--out", default=str(RESULTS_DIR))
     p.add_argument("--cache-dir", default=".cache/pixel-stores", help="PixelStore root (reruns resume)")
     p.add_argument("--threads", type=int, default=1)
@@ -123,7 +120,7 @@ def make_head(args: argparse.Namespace, seed: int, grid: bool = False) -> PixelC
     """The pixel MLP ensemble; the val grid uses a lighter one (fewer members and epochs) to rank configs."""
     return PixelClassifier(num_classes=NUM_CLASSES, n_members=args.grid_members if grid else args.members,
                            epochs=args.grid_epochs if grid else args.epochs,
-                           batch_size=args.batch_size, max_pixels_in_memory=args.max_pixels, random_state=seed)
+                           batch_size=args.batch_size, max_pixels_in_memory=args.max_pixels, seed=seed)
 
 
 def scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, Any]:

@@ -56,7 +56,7 @@ def main() -> dict:
                         fx = torch.cat([fx, seg.trivial_descriptors(train.images[idx])], 1)
                         vx = torch.cat([vx, seg.trivial_descriptors(val.images)], 1)
                     clf = PixelClassifier(num_classes=NUM_CLASSES, n_members=5, epochs=5, max_pixels_in_memory=50_000,
-                                          random_state=args.seed).fit(fx, train.labels[idx])
+                                          seed=args.seed).fit(fx, train.labels[idx])
                     miou = 100 * seg.scores(clf.predict(vx), val.labels)["miou"]
                     rows.append({"backbone": name, "nodes": nodes, "timesteps": ts, "plus_intensity_coords": appended,
                                  "val_miou": miou})

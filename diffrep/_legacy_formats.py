@@ -1,7 +1,9 @@
 """Readers of the saved-model folders written before :mod:`diffrep.persistence` (read only, never written).
 
 * a PixelClassifier head: ``head.json`` (format ``diffrep-pixel-classifier``) + ``head.safetensors``;
-* a DAEScorer: ``config.json`` (format ``diffrep-dae``, version 1) + ``model.safetensors``.
+* a DAEScorer: ``config.json`` (format ``diffrep-dae``, version 1) + ``model.safetensors``;
+* the parameter names of ``diffrep-fitted`` version 1 (before each word got one meaning, issue 12):
+  :data:`RENAMED_PARAMS`, the one alias table, maps them to today's names (:func:`upgrade_params`).
 
 Existing user folders keep loading; anything garbled is refused naming the file and the format expected.
 """
@@ -18,6 +20,34 @@ LEGACY_HEAD_CONFIG = "head.json"
 LEGACY_HEAD_WEIGHTS = "head.safetensors"
 LEGACY_HEAD_FORMAT = "diffrep-pixel-classifier"
 LEGACY_DAE_FORMAT = "diffrep-dae"
+
+# Old parameter name -> today's, per class, for configs written before the renames of issue 12 item 3
+# (``diffrep-fitted`` version 1 and ``head.json`` heads): a timestep is never called a noise level, the
+# noise distribution is ``noise_type`` (``noise`` is the noise policy), seeds are ``seed``, British spelling.
+RENAMED_PARAMS = {
+    "LinearProbe": {"random_state": "seed"},
+    "PixelClassifier": {"random_state": "seed", "standardize": "standardise"},
+    "ReconstructionScorer": {"noise_level": "timestep", "noise": "noise_type", "noise_options": "noise_type_options"},
+    "MultiLevelScorer": {"levels": "timesteps"},
+}
+# The one value that changed form: ReconstructionScorer's per_image_noise (bool) and draws (int) became its
+# noise policy ``noise`` (per_image_noise=True, draws=k: "per_image" or "per_image_ensemble(k)"; False:
+# "shared" or "ensemble(k)"). Absent old keys take their old defaults (True, 1).
+_OLD_POLICY_KEYS = ("per_image_noise", "draws")
+
+
+def upgrade_params(class_name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` of a ``class_name`` saved under the old names (see :data:`RENAMED_PARAMS`), renamed.
+    A MultiLevelScorer's ``scorer_params`` (ReconstructionScorer parameters) are upgraded too."""
+    renamed = RENAMED_PARAMS.get(class_name, {})
+    out = {renamed.get(k, k): v for k, v in params.items()}
+    if class_name == "ReconstructionScorer" and any(k in out for k in _OLD_POLICY_KEYS):
+        per_image, draws = bool(out.pop("per_image_noise", True)), int(out.pop("draws", 1))
+        ensemble = f"per_image_ensemble({draws})" if per_image else f"ensemble({draws})"
+        out["noise"] = ("per_image" if per_image else "shared") if draws == 1 else ensemble
+    if class_name == "MultiLevelScorer" and isinstance(out.get("scorer_params"), dict):
+        out["scorer_params"] = upgrade_params("ReconstructionScorer", out["scorer_params"])
+    return out
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -50,7 +80,8 @@ def load_legacy_head(cls: type, directory: Path, device: str) -> Any:
         raise ValueError(f"{config_path}: expected format {LEGACY_HEAD_FORMAT!r}, got {got!r}")
     tensors = _read_weights(directory / LEGACY_HEAD_WEIGHTS)
     try:
-        params = dict(config["params"], hidden=tuple(config["params"]["hidden"]), device=device)
+        params = dict(upgrade_params(cls.__name__, config["params"]), hidden=tuple(config["params"]["hidden"]),
+                      device=device)
         model = cls(**params)
         model._set_fitted_state({
             "ensemble_": {k[len("ensemble."):]: v for k, v in tensors.items() if k.startswith("ensemble.")},

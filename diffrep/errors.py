@@ -1,7 +1,7 @@
 """Input validation at the library's edge: errors that name what was expected and what arrived."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,24 @@ def as_numpy(x: Any, name: str) -> np.ndarray:
     if isinstance(x, np.ndarray):
         return x
     raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
+
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def as_dtype(value: Any, name: str = "dtype", allowed: Sequence[str] = FLOAT_DTYPES) -> torch.dtype:
+    """The one dtype convention of diffrep's public functions: ``value`` is a ``torch.dtype`` or its name
+    (``"float16"``, also ``"torch.float16"``) and comes back as the torch dtype. Anything else, or a dtype
+    whose name is not in ``allowed`` (default: the floating-point dtypes), is a ValueError naming ``name``."""
+    text = str(value).removeprefix("torch.") if isinstance(value, (str, torch.dtype)) else None
+    if text not in allowed:
+        raise ValueError(f"{name}: expected a torch dtype or its name, one of {list(allowed)}, got {value!r}")
+    return getattr(torch, text)
+
+
+def dtype_name(value: Any) -> str:
+    """The name of a dtype given either way (``torch.float16`` or ``"float16"`` -> ``"float16"``)."""
+    return str(as_dtype(value)).removeprefix("torch.")
 
 
 def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:

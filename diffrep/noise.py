@@ -21,9 +21,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .errors import check_positive_int
+from .errors import as_dtype, check_positive_int
 
-NOISE_KINDS = ("gaussian", "simplex", "coarse")
+# The noise types (distributions) make_noise draws. The first two are zero-mean, unit-variance fields that
+# can stand in for eps in q(x_t | x_0) (the reconstruction scorers' noise types); coarse noise is the DAE's.
+EPS_NOISE_TYPES = ("gaussian", "simplex")
+NOISE_TYPES = (*EPS_NOISE_TYPES, "coarse")
 
 
 def _check_shape(shape: Any, name: str = "shape") -> tuple[int, ...]:
@@ -38,21 +41,16 @@ def _check_shape(shape: Any, name: str = "shape") -> tuple[int, ...]:
     return dims
 
 
-def _check_dtype(dtype: torch.dtype) -> None:
-    if not dtype.is_floating_point:
-        raise ValueError(f"dtype: expected a floating-point torch dtype, got {dtype}")
-
-
 def _draw_device(generator: torch.Generator | None, device: Any) -> torch.device:
     """Random numbers are drawn where the generator lives (or on ``device`` when none is given)."""
     return generator.device if generator is not None else torch.device(device or "cpu")
 
 
 def gaussian_noise(shape: tuple[int, ...], generator: torch.Generator | None = None, device=None,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                   dtype: str | torch.dtype = torch.float32) -> torch.Tensor:
     """I.i.d. standard normal noise of the given (N, C, *spatial) shape, the usual DDPM eps."""
     dims = _check_shape(shape)
-    _check_dtype(dtype)
+    dtype = as_dtype(dtype)
     out = torch.randn(dims, generator=generator, device=_draw_device(generator, device), dtype=dtype)
     return out.to(device) if device is not None else out
 
@@ -97,7 +95,7 @@ def _simplex_octave(coords: list[torch.Tensor], generator: torch.Generator | Non
 
 
 def simplex_noise(shape: tuple[int, ...], *, octaves: int = 6, persistence: float = 0.8, frequency: float = 64.0,
-                  generator: torch.Generator | None = None, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                  generator: torch.Generator | None = None, device=None, dtype: str | torch.dtype = torch.float32) -> torch.Tensor:
     """Fractal simplex noise, AnoDDPM's structured noise (Wyatt et al. 2022), one independent field per (n, c).
 
     Frequency convention (AnoDDPM's ``rand_3d_octaves``): ``frequency`` is the *lattice spacing in
@@ -114,13 +112,13 @@ def simplex_noise(shape: tuple[int, ...], *, octaves: int = 6, persistence: floa
         persistence: amplitude ratio between successive octaves, > 0 (AnoDDPM: 0.8).
         frequency: lattice spacing in pixels of the first octave, > 0 (AnoDDPM: 64).
         generator: source of all random numbers (gradients and offsets); None uses torch's global RNG.
-        device, dtype: of the result; the computation runs on ``device``.
+        device, dtype: of the result (dtype: a floating torch dtype or its name); the computation runs on ``device``.
 
     Returns:
         A tensor of ``shape`` whose every (n, c) slice has zero mean and unit (population) variance.
     """
     dims = _check_shape(shape)
-    _check_dtype(dtype)
+    dtype = as_dtype(dtype)
     check_positive_int(octaves, "octaves")
     for name, value in (("persistence", persistence), ("frequency", frequency)):
         if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
@@ -144,7 +142,7 @@ def simplex_noise(shape: tuple[int, ...], *, octaves: int = 6, persistence: floa
 
 def coarse_noise(shape: tuple[int, ...], *, resolution: int = 16, std: float = 0.2,
                  generator: torch.Generator | None = None, roll: bool = True, device=None,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                 dtype: str | torch.dtype = torch.float32) -> torch.Tensor:
     """Coarse noise of the denoising-autoencoder baseline (Kascenas et al., MIDL 2022).
 
     N(0, std^2) is drawn on a ``resolution`` x ``resolution`` grid per (n, c) and upsampled
@@ -155,7 +153,7 @@ def coarse_noise(shape: tuple[int, ...], *, resolution: int = 16, std: float = 0
     reference applies it to the foreground only: multiply by a brain mask yourself.
     """
     dims = _check_shape(shape)
-    _check_dtype(dtype)
+    dtype = as_dtype(dtype)
     if len(dims) != 4:
         raise ValueError(f"shape: coarse noise is 2-D only, expected (N, C, H, W), got {dims}")
     check_positive_int(resolution, "resolution")
@@ -174,9 +172,10 @@ def coarse_noise(shape: tuple[int, ...], *, resolution: int = 16, std: float = 0
     return out.to(device) if device is not None else out
 
 
-def make_noise(kind: str, shape: tuple[int, ...], generator: torch.Generator | None = None, **kwargs: Any) -> torch.Tensor:
-    """Draw noise of the named kind: "gaussian", "simplex" or "coarse"; ``kwargs`` go to that function."""
+def make_noise(noise_type: str, shape: tuple[int, ...], generator: torch.Generator | None = None,
+               **kwargs: Any) -> torch.Tensor:
+    """Draw noise of the named type: "gaussian", "simplex" or "coarse"; ``kwargs`` go to that function."""
     functions = {"gaussian": gaussian_noise, "simplex": simplex_noise, "coarse": coarse_noise}
-    if kind not in functions:
-        raise ValueError(f"kind: expected one of {', '.join(repr(k) for k in NOISE_KINDS)}, got {kind!r}")
-    return functions[kind](shape, generator=generator, **kwargs)
+    if noise_type not in functions:
+        raise ValueError(f"noise_type: expected one of {', '.join(repr(k) for k in NOISE_TYPES)}, got {noise_type!r}")
+    return functions[noise_type](shape, generator=generator, **kwargs)

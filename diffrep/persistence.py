@@ -16,7 +16,8 @@ has been encoded, so a refusal (an unsaveable parameter, an unfitted object) lea
 :func:`load_fitted` rebuilds the object and refuses, naming the file, a config that is not JSON, of
 another format or version, or of an unknown class; a state file that is unreadable (truncated,
 corrupt), lacks a tensor the config names, or holds NaN/Inf; and a backbone whose identity differs
-from the recorded one (naming both).
+from the recorded one (naming both). A version-1 config (written before the parameter renames of issue 12)
+loads too: ``diffrep._legacy_formats.RENAMED_PARAMS`` maps its old parameter names to today's.
 
 A saveable class implements ``_fitted_state() -> dict`` (its fitted attributes; raises
 NotFittedError when unfitted) and ``_set_fitted_state(state)``; optionally ``_saved_params()``
@@ -37,7 +38,8 @@ import torch
 from ._atomic import atomic_path, atomic_write_json
 
 FORMAT = "diffrep-fitted"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: today's parameter names; 1 (still read): the names before issue 12, see _legacy_formats
+READABLE_VERSIONS = (1, 2)
 CONFIG_NAME = "config.json"
 STATE_NAME = "state.safetensors"
 # The classes load_fitted may rebuild (no arbitrary imports from a config file), by module.
@@ -230,8 +232,8 @@ class _Loader:
 
     def load(self, directory: Path, expected: type | None, overrides: dict[str, Any]) -> Any:
         config, path = read_config(directory), directory / CONFIG_NAME
-        if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: expected format {FORMAT!r} version {FORMAT_VERSION}, "
+        if config.get("format") != FORMAT or config.get("format_version") not in READABLE_VERSIONS:
+            raise ValueError(f"{path}: expected format {FORMAT!r} version {FORMAT_VERSION} (or 1), "
                              f"got {config.get('format')!r} version {config.get('format_version')!r}")
         name = config.get("class")
         if name not in CLASSES:
@@ -242,7 +244,12 @@ class _Loader:
         tensors = _read_state(directory / STATE_NAME)
         backbone = self._backbone(config.get("backbone"), path)
         try:
-            kwargs = {k: self._param(v, directory, backbone) for k, v in config["params"].items()}
+            params = config["params"]
+            if config["format_version"] == 1:
+                from ._legacy_formats import upgrade_params
+
+                params = upgrade_params(name, params)
+            kwargs = {k: self._param(v, directory, backbone) for k, v in params.items()}
             obj = cls(**{**kwargs, **overrides})
             obj._set_fitted_state({k: _decode_state(v, tensors) for k, v in config["fitted"].items()})
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:

@@ -66,7 +66,7 @@ def test_a_lesion_stands_out_more_after_calibration_than_an_edge():
 
 def test_calls_clone_and_errors():
     backbone = make_backbone("2d-2level")
-    base = ReconstructionScorer(backbone, noise_level=100, reverse="ddim", ddim_steps=3)
+    base = ReconstructionScorer(backbone, timestep=100, reverse="ddim", ddim_steps=3)
     scorer = CalibratedScorer(base, bins=3)
     assert scorer.unet_calls_per_image == 3
     assert clone(scorer).get_params()["scorer"].get_params()["ddim_steps"] == 3
@@ -90,17 +90,18 @@ def test_calls_clone_and_errors():
 def test_draws_average_reconstructions_and_multiply_calls():
     backbone = make_backbone("2d-2level")
     images = torch.rand(2, 1, 16, 16)
-    one = ReconstructionScorer(backbone, noise_level=300, draws=1)
-    three = ReconstructionScorer(backbone, noise_level=300, draws=3)
+    one = ReconstructionScorer(backbone, timestep=300, noise="per_image")
+    three = ReconstructionScorer(backbone, timestep=300, noise="per_image_ensemble(3)")
     assert one.unet_calls_per_image == 1 and three.unet_calls_per_image == 3
-    assert ReconstructionScorer(backbone, noise_level=300, reverse="ddim", ddim_steps=2, draws=4).unet_calls_per_image == 8
-    # draws=1 is the single-draw scorer, bit for bit (cached maps stay valid)
-    np.testing.assert_array_equal(one.reconstruct(images), ReconstructionScorer(backbone, noise_level=300).reconstruct(images))
+    assert ReconstructionScorer(backbone, timestep=300, reverse="ddim", ddim_steps=2,
+                                noise="per_image_ensemble(4)").unet_calls_per_image == 8
+    # one draw is the single-draw scorer, bit for bit (cached maps stay valid)
+    np.testing.assert_array_equal(one.reconstruct(images), ReconstructionScorer(backbone, timestep=300).reconstruct(images))
     # three draws average three different single-draw reconstructions
     rec = three.reconstruct(images)
     assert not np.allclose(rec, one.reconstruct(images))
-    with pytest.raises(ValueError, match="draws: expected an integer >= 1"):
-        ReconstructionScorer(backbone, draws=0).reconstruct(images)
+    with pytest.raises(ValueError, match=r"noise: expected 'per_image', .*got 'per_image_ensemble\(0\)'"):
+        ReconstructionScorer(backbone, noise="per_image_ensemble(0)").reconstruct(images)
 
 
 def test_an_already_fitted_base_scorer_is_not_refitted():

@@ -67,7 +67,7 @@ def bb():
 @pytest.mark.parametrize("reverse", ["x0", "ddim", "ddpm"])
 def test_reconstruction_shapes_determinism_and_batching(bb, reverse):
     x = make_images(bb, n=3, size=16)
-    kw = dict(noise_level=6, reverse=reverse, ddim_steps=3)
+    kw = dict(timestep=6, reverse=reverse, ddim_steps=3)
     a = ReconstructionScorer(bb, seed=3, batch_size=3, **kw).score(x)
     b = ReconstructionScorer(bb, seed=3, batch_size=1, **kw).score(x)
     c = ReconstructionScorer(bb, seed=4, batch_size=3, **kw).score(x)
@@ -79,19 +79,20 @@ def test_reconstruction_shapes_determinism_and_batching(bb, reverse):
 
 def test_reverse_modes_differ_and_ddim_one_step_is_x0(bb):
     x = make_images(bb, n=2, size=16)
-    maps = {r: ReconstructionScorer(bb, noise_level=6, reverse=r, ddim_steps=3).score(x).maps for r in ("x0", "ddim", "ddpm")}
+    maps = {r: ReconstructionScorer(bb, timestep=6, reverse=r, ddim_steps=3).score(x).maps for r in ("x0", "ddim", "ddpm")}
     assert not np.allclose(maps["x0"], maps["ddim"]) and not np.allclose(maps["ddim"], maps["ddpm"])
-    one = ReconstructionScorer(bb, noise_level=6, reverse="ddim", ddim_steps=1).score(x).maps
+    one = ReconstructionScorer(bb, timestep=6, reverse="ddim", ddim_steps=1).score(x).maps
     np.testing.assert_allclose(one, maps["x0"], atol=1e-5)
 
 
 @pytest.mark.parametrize("reverse", ["x0", "ddim", "ddpm"])
 def test_simplex_noise_runs_and_is_deterministic(bb, reverse):
     x = make_images(bb, n=2, size=16)
-    kw = dict(noise_level=3, reverse=reverse, ddim_steps=2, noise="simplex", noise_options={"octaves": 2, "frequency": 8.0})
+    kw = dict(timestep=3, reverse=reverse, ddim_steps=2, noise_type="simplex",
+              noise_type_options={"octaves": 2, "frequency": 8.0})
     a, b = ReconstructionScorer(bb, **kw).score(x), ReconstructionScorer(bb, **kw).score(x)
     np.testing.assert_array_equal(a.maps, b.maps)
-    assert not np.allclose(a.maps, ReconstructionScorer(bb, **{**kw, "noise": "gaussian"}).score(x).maps)
+    assert not np.allclose(a.maps, ReconstructionScorer(bb, **{**kw, "noise_type": "gaussian"}).score(x).maps)
 
 
 @pytest.mark.parametrize("reverse", ["x0", "ddim", "ddpm"])
@@ -102,7 +103,7 @@ def test_exact_denoiser_finds_the_corruption(reverse, residual):
     _exact_denoiser(bb, bb.to_model_range(clean))
     corrupted = clean.clone()
     corrupted[:, :, 4:8, 4:8] = 1.0
-    result = ReconstructionScorer(bb, noise_level=8, reverse=reverse, ddim_steps=4, residual=residual,
+    result = ReconstructionScorer(bb, timestep=8, reverse=reverse, ddim_steps=4, residual=residual,
                                   top_fraction=1.0).score(corrupted)
     diff = (corrupted - clean)[:, 0].numpy()
     expected = np.abs(diff) if residual == "l1" else diff ** 2
@@ -113,7 +114,7 @@ def test_exact_denoiser_finds_the_corruption(reverse, residual):
 @pytest.mark.parametrize("reverse,expected", [("x0", 1), ("ddim", 3), ("ddpm", 5)])
 def test_unet_calls_counted_by_hook(bb, reverse, expected):
     x = make_images(bb, n=2, size=16)
-    scorer = ReconstructionScorer(bb, noise_level=4, reverse=reverse, ddim_steps=3)
+    scorer = ReconstructionScorer(bb, timestep=4, reverse=reverse, ddim_steps=3)
     count, handle = _count_rows(bb)
     try:
         scorer.score(x)
@@ -122,7 +123,7 @@ def test_unet_calls_counted_by_hook(bb, reverse, expected):
     assert scorer.unet_calls_per_image == expected == count["rows"] // 2
 
 
-@pytest.mark.parametrize("kwargs,valid", [({"reverse": "ddjm"}, "ddpm"), ({"noise": "perlin"}, "simplex"),
+@pytest.mark.parametrize("kwargs,valid", [({"reverse": "ddjm"}, "ddpm"), ({"noise_type": "perlin"}, "simplex"),
                                           ({"residual": "l3"}, "l1")])
 def test_unknown_names_list_valid_values(bb, kwargs, valid):
     with pytest.raises(ValueError, match=valid):
@@ -132,11 +133,11 @@ def test_unknown_names_list_valid_values(bb, kwargs, valid):
 def test_bad_settings(bb):
     x = make_images(bb, n=1, size=16)
     with pytest.raises(ValueError, match="ddim_steps"):
-        ReconstructionScorer(bb, noise_level=3, reverse="ddim", ddim_steps=5).score(x)
+        ReconstructionScorer(bb, timestep=3, reverse="ddim", ddim_steps=5).score(x)
     with pytest.raises(ValueError, match="timesteps"):
-        ReconstructionScorer(bb, noise_level=1000).score(x)
+        ReconstructionScorer(bb, timestep=1000).score(x)
     with pytest.raises(ValueError, match=r"\(2, 1, 16, 16\).*\(2, 8, 8\)"):
-        ReconstructionScorer(bb, noise_level=3).score(make_images(bb, n=2, size=16), masks=np.ones((2, 8, 8), bool))
+        ReconstructionScorer(bb, timestep=3).score(make_images(bb, n=2, size=16), masks=np.ones((2, 8, 8), bool))
 
 
 def test_postprocess_and_image_scores():
@@ -178,14 +179,14 @@ def test_multilevel_normalisation_removes_scale():
 
 def test_multilevel_reconstruction_levels(bb):
     x = make_images(bb, n=2, size=16)
-    scorer = MultiLevelScorer(bb, levels=(2, 5), scorer_params={"reverse": "x0"}).fit(x)
+    scorer = MultiLevelScorer(bb, timesteps=(2, 5), scorer_params={"reverse": "x0"}).fit(x)
     count, handle = _count_rows(bb)
     try:
         result = scorer.score(x)
     finally:
         handle.remove()
     assert result.maps.shape == (2, 16, 16) and scorer.unet_calls_per_image == 2 == count["rows"] // 2
-    assert len(scorer.members_) == 2 and scorer.members_[1].noise_level == 5
+    assert len(scorer.members_) == 2 and scorer.members_[1].timestep == 5
 
 
 @pytest.mark.parametrize("pca", [None, 6])
@@ -252,8 +253,27 @@ def test_multilevel_raw_maps_equal_unprocessed_score():
 
     backbone = live_backbone()
     images = make_images(backbone, n=2)
-    scorer = MultiLevelScorer(backbone, levels=(100, 300), normalise=None)
+    scorer = MultiLevelScorer(backbone, timesteps=(100, 300), normalise=None)
     np.testing.assert_allclose(scorer.raw_maps(images), scorer.score(images).maps, rtol=1e-6)
+
+
+def test_noise_is_a_policy_in_the_words_of_the_extractor():
+    """``noise`` is a policy everywhere: a scorer's "shared" is one draw for every image (as the extractor's),
+    "ensemble(k)" averages k of them; "per_image" is the scorers' own, and the extractor refuses it."""
+    from diffrep.features import FeatureExtractor
+
+    backbone = make_backbone("2d-2level")
+    a, b = make_images(backbone, n=2, size=16)
+    shared = ReconstructionScorer(backbone, timestep=6, noise="shared")
+    np.testing.assert_allclose(shared.reconstruct(torch.stack([a, b]))[1], shared.reconstruct(b[None])[0], atol=1e-6)
+    np.testing.assert_array_equal(shared.reconstruct(a[None]),
+                                  ReconstructionScorer(backbone, timestep=6, noise="ensemble(1)").reconstruct(a[None]))
+    two = ReconstructionScorer(backbone, timestep=6, noise="ensemble(2)")
+    assert two.unet_calls_per_image == 2 and not np.allclose(two.reconstruct(a[None]), shared.reconstruct(a[None]))
+    with pytest.raises(ValueError, match=r"noise: expected 'shared', 'ensemble\(k\)' or 'none' \(k >= 1\), got 'per_image'"):
+        FeatureExtractor(backbone, ["mid"], [5], noise="per_image")
+    with pytest.raises(ValueError, match=r"noise: expected 'per_image', .*got 'none'"):
+        ReconstructionScorer(backbone, noise="none").score(a[None])
 
 
 def test_per_image_noise_depends_only_on_the_image():
@@ -263,9 +283,9 @@ def test_per_image_noise_depends_only_on_the_image():
     a, b = make_images(backbone, n=2)
     assert image_seed(0, a) == image_seed(0, a.clone()) != image_seed(0, b)
     assert image_seed(0, a) != image_seed(1, a)
-    scorer = ReconstructionScorer(backbone, noise_level=300, reverse="x0", seed=0)
+    scorer = ReconstructionScorer(backbone, timestep=300, reverse="x0", seed=0)
     pair = scorer.reconstruct(torch.stack([a, b]))
     alone = scorer.reconstruct(torch.stack([b, a]))
     np.testing.assert_allclose(pair[0], alone[1], rtol=1e-5, atol=1e-6)
-    shared = ReconstructionScorer(backbone, noise_level=300, reverse="x0", seed=0, per_image_noise=False)
+    shared = ReconstructionScorer(backbone, timestep=300, reverse="x0", seed=0, noise="shared")
     assert not np.allclose(shared.reconstruct(torch.stack([a, b]))[1], pair[1])

@@ -61,7 +61,7 @@ def volume(tmp_path):
 @pytest.mark.parametrize("use_mask", [True, False])
 def test_map_on_the_input_grid(tmp_path, volume, use_mask):
     t1, mask_path, _, mask = volume
-    scorer = ReconstructionScorer(live_backbone(), noise_level=10)
+    scorer = ReconstructionScorer(live_backbone(), timestep=10)
     out = score_volume(scorer, t1, tmp_path / "map.nii.gz", mask_path=mask_path if use_mask else None, size=16,
                        progress=False)
     src, res = nib.load(str(t1)), nib.load(str(out))
@@ -126,7 +126,7 @@ def test_cli_anomaly_score(tmp_path, volume):
     add_anomaly_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["anomaly", "score", "--backbone", str(tmp_path / "bb"), str(t1), "--out",
                               str(tmp_path / "m.nii.gz"), "--mask", str(mask_path), "--reverse", "ddim",
-                              "--steps", "2", "--noise-level", "20", "--size", "16", "--quiet"])
+                              "--steps", "2", "--timestep", "20", "--size", "16", "--quiet"])
     assert args.func(args) == 0
     src, res = nib.load(str(t1)), nib.load(str(tmp_path / "m.nii.gz"))
     assert res.shape == SHAPE and np.array_equal(res.affine, src.affine)  # the input's grid and affine
@@ -204,7 +204,7 @@ def test_a_non_finite_map_is_never_written(tmp_path, volume):
     backbone = live_backbone()
     with torch.no_grad():
         next(backbone.unet.parameters()).view(-1)[0] = float("nan")
-    scorer = ReconstructionScorer(backbone, noise_level=10)
+    scorer = ReconstructionScorer(backbone, timestep=10)
     with pytest.raises(ValueError, match=r"t1\.nii\.gz: expected a finite anomaly map, got \d+ NaN/Inf"):
         score_volume(scorer, t1, tmp_path / "map.nii.gz", mask_path=mask_path, size=16, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz", "t1.nii.gz"]

@@ -61,14 +61,17 @@ def test_import_diffrep_is_lazy_and_its_public_names_still_work():
 
 def test_cli_vocabularies_equal_the_library_constants():
     """The option vocabularies spelled in the CLI (so the parser needs no torch) are the library's."""
+    from diffrep import noise
     from diffrep.anomaly import reconstruction
     from diffrep.cli import anomaly, build_parser, probe
+    from diffrep.features import noise_policy
     from diffrep.features.cache import DEFAULT_CACHE_DIR
     from diffrep.pipelines import probe as probe_pipeline
     from diffrep.pipelines import segmentation
 
-    assert (anomaly.REVERSE_MODES, anomaly.NOISE_KINDS, anomaly.RESIDUALS) == (
-        reconstruction.REVERSE_MODES, reconstruction.NOISE_KINDS, reconstruction.RESIDUALS)
+    assert (anomaly.REVERSE_MODES, anomaly.NOISE_TYPES, anomaly.NOISE_POLICIES, anomaly.RESIDUALS) == (
+        reconstruction.REVERSE_MODES, noise.EPS_NOISE_TYPES, noise_policy.RECONSTRUCTION_POLICIES,
+        reconstruction.RESIDUALS)
     assert probe.DATASETS == probe_pipeline.DATASETS
     commands = build_parser()._subparsers._group_actions[0].choices
     probe_help = " ".join(commands["probe"].format_help().split())  # unwrapped
@@ -77,12 +80,23 @@ def test_cli_vocabularies_equal_the_library_constants():
     assert " ".join(map(str, segmentation.DEFAULT_TIMESTEPS)) in " ".join(fit.format_help().split())
 
 
+def _type_checking_only(tree: ast.AST) -> set[int]:
+    """ids of the import nodes inside ``if TYPE_CHECKING:`` blocks (annotations only, never run)."""
+    return {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
+            for stmt in block.body for n in ast.walk(stmt)}
+
+
 def _imports(path: Path) -> set[str]:
-    """Absolute names of the diffrep modules ``path`` imports (relative imports resolved)."""
+    """Absolute names of the diffrep modules ``path`` imports (relative and lazy imports resolved; imports for
+    type checking only are left out)."""
     package = ".".join(path.relative_to(ROOT).with_suffix("").parts)
     package = package.rsplit(".", 1)[0]  # the package a module (or an __init__) sits in
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    skip = _type_checking_only(tree)
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.ImportFrom):
             base = package.split(".")
             if node.level:
@@ -108,3 +122,38 @@ def test_library_imports_neither_cli_nor_pipelines():
     assert offenders == []
     # the check sees lazy (in-function) relative imports too
     assert "diffrep.pipelines.segmentation" in _imports(ROOT / "diffrep" / "cli" / "segment.py")
+
+
+# The layers of the README's "Dependencies run one way": a unit (a package, or a top-level module) imports
+# only units of a lower layer and itself. Helpers sit at the bottom and import only other helpers.
+LAYERS = [
+    {"_atomic", "_types", "_provenance", "_legacy_formats", "config", "devices", "digests", "distributed",
+     "errors", "outputs", "diffusion", "noise"},
+    {"backbones", "data"},
+    {"features", "sampling", "likelihood", "persistence"},
+    {"heads", "anomaly", "training"},
+    {"pipelines"},
+    {"cli"},
+    {"diffrep"},  # the package's lazy public names
+]
+
+
+def _unit(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] != "__init__" else "diffrep"
+
+
+def test_imports_run_one_way_as_the_readme_says():
+    """Every diffrep module, lazy imports included, imports only its own unit or a lower layer."""
+    layer = {unit: i for i, units in enumerate(LAYERS) for unit in units}
+    offenders, units = [], set()
+    for path in sorted((ROOT / "diffrep").rglob("*.py")):
+        source = _unit(".".join(path.relative_to(ROOT).with_suffix("").parts))
+        units.add(source)
+        for name in _imports(path):
+            target = _unit(name)
+            below = layer.get(target, 99) < layer.get(source, -1) or layer.get(target) == layer.get(source) == 0
+            if target != source and not below:
+                offenders.append(f"{path.relative_to(ROOT)} ({source}) imports {name} ({target})")
+    assert units <= set(layer), f"units without a layer: {sorted(units - set(layer))}"
+    assert offenders == []

@@ -14,7 +14,7 @@ import torch
 
 from diffrep._atomic import atomic_savefig, atomic_write_json
 from diffrep.digests import array_digest, backbone_identity, chunked_digest, json_digest
-from diffrep.errors import as_numpy, check_label_range, check_positive_int
+from diffrep.errors import as_dtype, as_numpy, check_label_range, check_positive_int, dtype_name
 
 from .conftest import make_backbone
 
@@ -24,6 +24,53 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 def _sources(*folders: str) -> dict[str, str]:
     return {p.relative_to(ROOT).as_posix(): p.read_text() for f in folders for p in sorted((ROOT / f).rglob("*.py"))}
+
+
+# ------------------------------------------------------------------------------------------ dtypes
+def test_as_dtype_takes_a_torch_dtype_or_its_name_and_refuses_the_rest():
+    assert as_dtype(torch.float16) is torch.float16 and as_dtype("float16") is torch.float16
+    assert as_dtype("torch.bfloat16") is torch.bfloat16 and dtype_name(torch.float64) == "float64"
+    for bad in ("half", "int8", torch.int64, np.float16, None):
+        with pytest.raises(ValueError, match=r"dtype: expected a torch dtype or its name, one of \['float16'"):
+            as_dtype(bad)
+    with pytest.raises(ValueError, match=r"store: expected .* one of \['float16', 'float32'\], got 'float64'"):
+        as_dtype("float64", "store", allowed=("float16", "float32"))
+
+
+def test_public_functions_take_a_dtype_either_way(tmp_path):
+    """One convention: every public ``dtype`` argument accepts ``torch.float16`` or ``"float16"`` alike."""
+    from diffrep.backbones.checkpoint import save_backbone
+    from diffrep.features import FeatureExtractor
+    from diffrep.noise import make_noise
+
+    backbone = make_backbone("2d-2level")
+    images = torch.rand(2, 1, 16, 16)
+    a = FeatureExtractor(backbone, ["mid"], [5], dtype="float16")(images)
+    b = FeatureExtractor(backbone, ["mid"], [5], dtype=torch.float16)(images)
+    assert all(v.dtype == torch.float16 and torch.equal(v, b[k]) for k, v in a.items())
+    for kind in ("gaussian", "simplex", "coarse"):
+        g = [torch.Generator().manual_seed(0) for _ in range(2)]
+        assert torch.equal(make_noise(kind, (1, 1, 8, 8), generator=g[0], dtype="float64"),
+                           make_noise(kind, (1, 1, 8, 8), generator=g[1], dtype=torch.float64))
+    save_backbone(backbone, tmp_path / "a", dtype="float16")
+    save_backbone(backbone, tmp_path / "b", dtype=torch.float16)
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+               for f in ("config.json", "model.safetensors"))
+
+
+def test_public_dtype_parameters_are_annotated_str_or_torch_dtype():
+    """No public function of the library annotates ``dtype`` as a torch dtype only (or a string only)."""
+    offenders = []
+    for path, source in _sources("diffrep").items():
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_") or (
+                    isinstance(node, ast.FunctionDef) and node.name == "__init__"):
+                for arg in node.args.args + node.args.kwonlyargs:
+                    if arg.arg == "dtype" and arg.annotation is not None:
+                        text = ast.unparse(arg.annotation)
+                        if text != "str | torch.dtype":
+                            offenders.append(f"{path}:{node.lineno} {node.name}(dtype: {text})")
+    assert offenders == []
 
 
 # ------------------------------------------------------------------------------------------ integers

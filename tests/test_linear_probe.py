@@ -29,7 +29,7 @@ def blobs():
 def test_init_stores_arguments_only_and_get_params_round_trips():
     probe = LinearProbe(C=0.5, max_iter=50, standardise=False, solver="newton-cg")
     assert probe.get_params() == {"C": 0.5, "max_iter": 50, "tol": 1e-4, "standardise": False,
-                                  "solver": "newton-cg", "class_weight": None, "random_state": None}
+                                  "solver": "newton-cg", "class_weight": None, "seed": None}
     assert not [k for k in vars(probe) if k.endswith("_")]
     twin = clone(probe)
     assert twin is not probe and twin.get_params() == probe.get_params()

@@ -53,17 +53,18 @@ def _scorer_outputs(x, m):
 
 
 def _reconstruction(bb, x, m):
-    scorer = ReconstructionScorer(bb, noise_level=6, reverse="ddim", ddim_steps=3, median=3, erode=1).fit(x, m)
+    scorer = ReconstructionScorer(bb, timestep=6, reverse="ddim", ddim_steps=3, median=3, erode=1).fit(x, m)
     return scorer, _scorer_outputs(x, m)
 
 
 def _multilevel(bb, x, m):
-    scorer = MultiLevelScorer(bb, levels=(3, 8), scorer_params={"reverse": "x0"}, combine="max").fit(x, m)
+    scorer = MultiLevelScorer(bb, timesteps=(3, 8), scorer_params={"reverse": "x0", "noise_type": "simplex",
+                                                                  "noise": "ensemble(2)"}, combine="max").fit(x, m)
     return scorer, _scorer_outputs(x, m)
 
 
 def _multilevel_of_scorers(bb, x, m):
-    members = [ReconstructionScorer(bb, noise_level=4), FeatureDistanceScorer(bb, ["up.1"], [5], max_pixels=80).fit(x)]
+    members = [ReconstructionScorer(bb, timestep=4, noise="per_image_ensemble(3)"), FeatureDistanceScorer(bb, ["up.1"], [5], max_pixels=80).fit(x)]
     return MultiLevelScorer(scorers=members).fit(x, m), _scorer_outputs(x, m)
 
 
@@ -78,7 +79,7 @@ def _gaussian(bb, x, m):
 
 
 def _calibrated(bb, x, m):
-    scorer = CalibratedScorer(ReconstructionScorer(bb, noise_level=5), bins=3, min_count=4).fit(x, m)
+    scorer = CalibratedScorer(ReconstructionScorer(bb, timestep=5, noise="shared"), bins=3, min_count=4).fit(x, m)
     return scorer, _scorer_outputs(x, m)
 
 
@@ -106,17 +107,84 @@ def _plain_params(obj) -> dict:
                                                                       any(isinstance(i, AnomalyScorer) for i in v))}
 
 
+def test_the_cases_cover_every_saveable_class_and_every_class_with_fit():
+    """The round trip below is parametrised over one case (at least) of every class save_fitted takes, and
+    every head or scorer class of the library with a ``fit`` is among them."""
+    import ast
+    from pathlib import Path
+
+    from diffrep.persistence import CLASSES
+
+    backbone, x, m = _data()
+    assert {type(make(backbone, x, m)[0]).__name__ for make in CASES.values()} == set(CLASSES)
+    root = Path(__file__).resolve().parents[1] / "diffrep"
+    with_fit = {node.name for path in root.rglob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.ClassDef) and any(isinstance(f, ast.FunctionDef) and f.name == "fit"
+                                                         for f in node.body)}
+    assert with_fit - {"AnomalyScorer"} <= set(CLASSES)
+
+
+# The parameter names version 1 wrote (before issue 12 item 3), spelled out here independently of the library's
+# alias table (diffrep._legacy_formats.RENAMED_PARAMS): today's name -> the old one.
+VERSION_1_NAMES = {"LinearProbe": {"seed": "random_state"},
+                   "PixelClassifier": {"seed": "random_state", "standardise": "standardize"},
+                   "ReconstructionScorer": {"timestep": "noise_level", "noise_type": "noise",
+                                            "noise_type_options": "noise_options"},
+                   "MultiLevelScorer": {"timesteps": "levels"}}
+# ReconstructionScorer's noise policy was two parameters: per_image_noise and draws.
+VERSION_1_POLICY = {"per_image": (True, 1), "shared": (False, 1), "per_image_ensemble(3)": (True, 3),
+                    "ensemble(2)": (False, 2)}
+
+
+def _old_params(cls: str, params: dict) -> dict:
+    old = {VERSION_1_NAMES.get(cls, {}).get(k, k): v for k, v in params.items() if k != "noise" or cls != "ReconstructionScorer"}
+    if cls == "ReconstructionScorer" and "noise" in params:
+        old["per_image_noise"], old["draws"] = VERSION_1_POLICY[params["noise"]]
+    if cls == "MultiLevelScorer" and old.get("scorer_params"):
+        old["scorer_params"] = _old_params("ReconstructionScorer", old["scorer_params"])
+    return old
+
+
+def _as_version_1(folder) -> None:
+    """Rewrite every config.json below ``folder`` as version 1 wrote it: the old parameter names."""
+    for path in sorted(folder.rglob(CONFIG_NAME)):
+        config = json.loads(path.read_text())
+        config["params"] = _old_params(config["class"], config["params"])
+        path.write_text(json.dumps({**config, "format_version": 1}))
+
+
+@pytest.mark.parametrize("written", ["today", "version-1"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_every_fitted_head_and_scorer_round_trips_with_equal_outputs(tmp_path, case):
+def test_every_fitted_head_and_scorer_round_trips_with_equal_outputs(tmp_path, case, written):
+    """Saved and loaded: the same class, parameters and outputs, bit for bit on CPU; also from a folder with
+    the parameter names version 1 wrote (before the renames of issue 12)."""
     backbone, x, m = _data()
     fitted, outputs = CASES[case](backbone, x, m)
     expected = outputs(fitted)
     save_fitted(fitted, tmp_path / "saved")
     assert {CONFIG_NAME, STATE_NAME} <= {p.name for p in (tmp_path / "saved").iterdir()}
+    if written == "version-1":
+        _as_version_1(tmp_path / "saved")
     loaded = load_fitted(tmp_path / "saved", backbone=backbone if case in NEEDS_BACKBONE else None)
     assert type(loaded) is type(fitted) and _plain_params(loaded) == _plain_params(fitted)
     for got, want in zip(outputs(loaded), expected, strict=True):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # bit for bit on CPU
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_the_alias_table_maps_every_old_name_to_a_parameter_of_today():
+    import inspect
+
+    from diffrep._legacy_formats import RENAMED_PARAMS, upgrade_params
+    from diffrep.persistence import CLASSES
+
+    assert RENAMED_PARAMS == {cls: {old: new for new, old in names.items()} for cls, names in VERSION_1_NAMES.items()}
+    for policy, (per_image, draws) in VERSION_1_POLICY.items():
+        assert upgrade_params("ReconstructionScorer", {"per_image_noise": per_image, "draws": draws}) == {"noise": policy}
+    assert upgrade_params("MultiLevelScorer", {"levels": [3], "scorer_params": {"noise": "simplex", "draws": 2}}) == {
+        "timesteps": [3], "scorer_params": {"noise_type": "simplex", "noise": "per_image_ensemble(2)"}}
+    for cls, names in RENAMED_PARAMS.items():
+        init = getattr(__import__(CLASSES[cls], fromlist=[cls]), cls).__init__
+        assert set(names.values()) <= set(inspect.signature(init).parameters), cls
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -132,8 +200,10 @@ def test_a_truncated_or_corrupt_state_file_is_refused_naming_it(tmp_path, case):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"format_version": 2}, r"config\.json: expected format 'diffrep-fitted' version 1, got 'diffrep-fitted' version 2"),
-    ({"format": "diffrep-backbone"}, r"config\.json: expected format 'diffrep-fitted' version 1, got 'diffrep-backbone'"),
+    ({"format_version": 3}, r"config\.json: expected format 'diffrep-fitted' version 2 \(or 1\), got 'diffrep-fitted' "
+                            r"version 3"),
+    ({"format": "diffrep-backbone"}, r"config\.json: expected format 'diffrep-fitted' version 2 \(or 1\), got "
+                                     r"'diffrep-backbone'"),
     ({"class": "os.system"}, r"config\.json: expected a class among \[.*\], got 'os.system'"),
 ])
 def test_a_wrong_format_version_or_class_is_refused_naming_the_config(tmp_path, change, match):
@@ -227,7 +297,8 @@ def test_loading_asks_for_the_class_it_gets(tmp_path):
     _probe(backbone, x, m)[0].save(tmp_path)
     with pytest.raises(ValueError, match=r"config\.json: expected a saved PixelClassifier, got a saved LinearProbe"):
         PixelClassifier.load(tmp_path)
-    with pytest.raises(ValueError, match=r"config\.json: expected format 'diffrep-fitted' version 1, got 'diffrep-backbone'"):
+    with pytest.raises(ValueError, match=r"config\.json: expected format 'diffrep-fitted' version 2 \(or 1\), got "
+                                         r"'diffrep-backbone'"):
         backbone.save(tmp_path / "bb")
         load_fitted(tmp_path / "bb")
 
@@ -238,8 +309,8 @@ def test_loading_asks_for_the_class_it_gets(tmp_path):
     (lambda bb: FeatureDistanceScorer(bb, ["up.1"], [5]), lambda c, x: c.raw_maps(x)),
     (lambda bb: DAEScorer(**DAE_ARCH), lambda c, x: c.raw_maps(x)),
     (lambda bb: DAEScorer(**DAE_ARCH), lambda c, x: c.score(x)),
-    (lambda bb: CalibratedScorer(ReconstructionScorer(bb, noise_level=5)), lambda c, x: c.raw_maps(x)),
-    (lambda bb: MultiLevelScorer(bb, levels=(3,)), lambda c, x: c.score(x)),
+    (lambda bb: CalibratedScorer(ReconstructionScorer(bb, timestep=5)), lambda c, x: c.raw_maps(x)),
+    (lambda bb: MultiLevelScorer(bb, timesteps=(3,)), lambda c, x: c.score(x)),
     (lambda bb: MultiLevelScorer(scorers=[DAEScorer(**DAE_ARCH)], normalise=None), lambda c, x: c.score(x)),
 ], ids=["pixel-classifier.predict", "linear-probe.predict", "feature-distance.raw_maps", "dae.raw_maps", "dae.score",
         "calibrated.raw_maps", "multi-level.score", "multi-level-of-an-unfitted-dae.score"])

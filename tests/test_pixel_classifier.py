@@ -29,7 +29,7 @@ def toy(n=4, d=6, size=12, classes=3, seed=0):
 
 
 def small(**kw):
-    params = dict(num_classes=3, n_members=4, epochs=3, batch_size=32, max_pixels_in_memory=300, random_state=0)
+    params = dict(num_classes=3, n_members=4, epochs=3, batch_size=32, max_pixels_in_memory=300, seed=0)
     params.update(kw)
     return PixelClassifier(**params)
 
@@ -224,7 +224,8 @@ def _save_legacy_head(clf, directory, metadata=None):
     tensors = {f"ensemble.{k}": v.detach().cpu().contiguous() for k, v in clf.ensemble_.state_dict().items()}
     tensors["mean"], tensors["scale"] = clf.mean_.contiguous(), clf.scale_.contiguous()
     save_file(tensors, str(directory / "head.safetensors"))
-    params = dict(clf.get_params(), hidden=[int(h) for h in clf.hidden])
+    old_names = {"seed": "random_state", "standardise": "standardize"}  # the parameter names of that time
+    params = {old_names.get(k, k): v for k, v in dict(clf.get_params(), hidden=[int(h) for h in clf.hidden]).items()}
     config = {"format": "diffrep-pixel-classifier", "format_version": 1, "params": params,
               "num_classes": len(clf.classes_), "n_features_in": clf.n_features_in_,
               "n_train_images": clf.n_train_images_, "class_pixel_counts": [int(c) for c in clf.class_pixel_counts_],

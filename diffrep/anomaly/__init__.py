@@ -4,6 +4,12 @@ Every scorer follows :class:`AnomalyScorer`: ``fit(healthy_images, masks=None) -
 ``score(images, masks=None) -> AnomalyResult`` (maps (N, *spatial), scores (N,); higher = more
 anomalous) and ``unet_calls_per_image`` (network evaluations per slice). ``score_volume`` applies a
 scorer to a whole NIfTI volume. Metrics live in ``diffrep.anomaly.metrics``.
+
+Lives here: the reconstruction (partial diffusion), multi-level, feature-distance and calibrated scorers,
+the DAE baseline, post-processing, metrics and NIfTI volume scoring. A scorer's ``timestep`` is the L it
+noises to, ``noise_type`` its noise distribution and ``noise`` its noise policy (``diffrep.features``'
+vocabulary). May import backbones, features, data, persistence and the shared helpers (diffusion, noise,
+errors...); imported by the CLI, the benchmarks and users, never by backbones, features or heads.
 """
 from .base import AnomalyScorer
 from .calibration import CalibratedScorer

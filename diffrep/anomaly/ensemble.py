@@ -1,4 +1,4 @@
-"""Multi-level ensembles: combine anomaly maps from several noise levels (or several scorers).
+"""Multi-level ensembles: combine anomaly maps from several timesteps, i.e. noise levels (or several scorers).
 
 cDDPM (Behrendt et al. 2025) averages the single-step reconstructions at t in {250, 500, 750};
 small L restores fine texture but misses large lesions, large L erases lesions but also detail.
@@ -26,10 +26,10 @@ class MultiLevelScorer(AnomalyScorer):
     """Combine the raw maps of several scorers into one map, optionally standardised per level.
 
     Args:
-        backbone, levels, scorer_params: build one ``ReconstructionScorer(backbone, noise_level=L,
-            **scorer_params)`` per L in ``levels`` (``batch_size`` defaults to this scorer's).
-        scorers: alternatively, a list of ready AnomalyScorers (then backbone/levels are ignored).
-        combine: ``"mean"`` or ``"max"`` over levels, pixel by pixel.
+        backbone, timesteps, scorer_params: build one ``ReconstructionScorer(backbone, timestep=L,
+            **scorer_params)`` per timestep L in ``timesteps`` (``batch_size`` defaults to this scorer's).
+        scorers: alternatively, a list of ready AnomalyScorers (then backbone/timesteps are ignored).
+        combine: ``"mean"`` or ``"max"`` over the members (levels), pixel by pixel.
         normalise: ``"healthy"`` (needs ``fit`` on healthy images) or ``None`` (raw maps combined).
         erode, median, top_fraction: applied once, to the combined map. The members' own
             post-processing settings are not used (their raw maps are combined).
@@ -39,12 +39,12 @@ class MultiLevelScorer(AnomalyScorer):
     the mask, and with ``combine="mean"`` equals mean_l(r_l / sd_l).
     """
 
-    def __init__(self, backbone: Backbone | None = None, levels: Sequence[int] = (250, 500, 750),
+    def __init__(self, backbone: Backbone | None = None, timesteps: Sequence[int] = (250, 500, 750),
                  scorer_params: dict[str, Any] | None = None, scorers: Sequence[AnomalyScorer] | None = None,
                  combine: str = "mean", normalise: str | None = "healthy", erode: int = 0, median: int = 0,
                  top_fraction: float = 0.01, batch_size: int = 32) -> None:
         self.backbone = backbone
-        self.levels = levels
+        self.timesteps = timesteps
         self.scorer_params = scorer_params
         self.scorers = scorers
         self.combine = combine
@@ -65,16 +65,17 @@ class MultiLevelScorer(AnomalyScorer):
         from .reconstruction import ReconstructionScorer
 
         if self.backbone is None:
-            raise ValueError("MultiLevelScorer: expected either a backbone (with levels) or a list of scorers, got neither")
-        levels = list(self.levels)
-        if not levels:
-            raise ValueError("levels: expected at least one noise level, got an empty list")
+            raise ValueError("MultiLevelScorer: expected either a backbone (with timesteps) or a list of scorers, "
+                             "got neither")
+        timesteps = list(self.timesteps)
+        if not timesteps:
+            raise ValueError("timesteps: expected at least one timestep, got an empty list")
         params = dict(self.scorer_params or {})
-        clash = {"backbone", "noise_level"} & set(params)
+        clash = {"backbone", "timestep"} & set(params)
         if clash:
             raise ValueError(f"scorer_params: {sorted(clash)} are set by MultiLevelScorer itself; remove them")
         params.setdefault("batch_size", self.batch_size)
-        return [ReconstructionScorer(self.backbone, noise_level=level, **params) for level in levels]
+        return [ReconstructionScorer(self.backbone, timestep=t, **params) for t in timesteps]
 
     def _validate(self) -> None:
         super()._validate()

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from .._atomic import atomic_path, atomic_write_json
 from ..config import from_dict, to_dict
+from ..errors import as_dtype
 from .backbone import Backbone
 from .config import BackboneConfig
 
@@ -28,8 +29,10 @@ class CheckpointError(ValueError):
     """A checkpoint directory is missing, corrupt, or its config and weights disagree."""
 
 
-def save_backbone(backbone: Backbone, directory: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> Path:
-    """Save ``backbone`` as ``directory/config.json`` + ``directory/model.safetensors`` (atomic writes)."""
+def save_backbone(backbone: Backbone, directory: str | os.PathLike, *, dtype: str | torch.dtype = torch.float32) -> Path:
+    """Save ``backbone`` as ``directory/config.json`` + ``directory/model.safetensors`` (atomic writes), the
+    floating weights stored in ``dtype`` (a torch dtype or its name, e.g. ``"float16"``; they load as float32)."""
+    dtype = as_dtype(dtype)
     if not isinstance(backbone.unet, DiffusionModelUNet):
         raise CheckpointError(f"save_backbone: diffrep checkpoints hold MONAI DiffusionModelUNets, got "
                               f"{type(backbone.unet).__name__}; keep a diffusers model in its own folder "

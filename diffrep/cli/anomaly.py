@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-# The scorer's vocabularies, spelled here so that building the parser imports no torch; a test checks
-# that they equal diffrep.anomaly.reconstruction's REVERSE_MODES, NOISE_KINDS and RESIDUALS.
+# The scorer's vocabularies, spelled here so that building the parser imports no torch; a test checks that
+# they equal the library's (reconstruction.REVERSE_MODES and RESIDUALS, noise.EPS_NOISE_TYPES,
+# noise_policy.RECONSTRUCTION_POLICIES).
 REVERSE_MODES = ("ddpm", "ddim", "x0")
-NOISE_KINDS = ("gaussian", "simplex")
+NOISE_TYPES = ("gaussian", "simplex")
+NOISE_POLICIES = ("per_image", "per_image_ensemble(k)", "shared", "ensemble(k)")
 RESIDUALS = ("l1", "l2")
 
 
@@ -16,7 +18,14 @@ def _cmd_anomaly_score(args: argparse.Namespace) -> int:
     from ..anomaly.volume import check_volume_paths
     from ..backbones import load_backbone
     from ..devices import resolve_device
+    from ..features.noise_policy import RECONSTRUCTION_POLICIES, NoisePolicy
 
+    if args.renamed_noise_level is not None:  # an old script's option: a clear error, exit 2
+        raise ValueError("--noise-level was renamed --timestep (a timestep L, not sqrt(1-alpha_bar))")
+    if args.noise in NOISE_TYPES:  # an old script's --noise gaussian|simplex (the distribution, now --noise-type)
+        raise ValueError(f"--noise {args.noise}: --noise is the noise policy ({', '.join(NOISE_POLICIES)}); the "
+                         f"noise distribution is --noise-type {args.noise}")
+    NoisePolicy.parse(args.noise, RECONSTRUCTION_POLICIES)
     device = resolve_device(args.device)  # refusals first: nothing heavy is loaded for a bad device or --out
     check_volume_paths(args.input, args.out, args.mask, overwrite=args.overwrite, option="--out")
     backbone = load_backbone(args.backbone, device=device)
@@ -28,14 +37,14 @@ def _cmd_anomaly_score(args: argparse.Namespace) -> int:
     if size < 8 or size % multiple:
         raise ValueError(f"--size: expected a slice size >= 8 divisible by {multiple} (what the {backbone.config.unet.levels}-"
                          f"level U-Net of {args.backbone} takes), got {size}")
-    scorer = ReconstructionScorer(backbone, noise_level=args.noise_level, noise=args.noise, reverse=args.reverse,
-                                  ddim_steps=args.steps, residual=args.residual, erode=args.erode,
-                                  median=args.median, seed=args.seed, batch_size=args.batch_size)
+    scorer = ReconstructionScorer(backbone, timestep=args.timestep, noise_type=args.noise_type, noise=args.noise,
+                                  reverse=args.reverse, ddim_steps=args.steps, residual=args.residual,
+                                  erode=args.erode, median=args.median, seed=args.seed, batch_size=args.batch_size)
     calls = scorer.unet_calls_per_image
     out = score_volume(scorer, args.input, args.out, mask_path=args.mask, size=size, batch_size=args.batch_size,
                        progress=not args.quiet, overwrite=args.overwrite)
-    print(f"wrote anomaly map to {out} (reverse={args.reverse}, L={args.noise_level}, "
-          f"noise level {backbone.noise_level(args.noise_level):.3f}, {calls} U-Net call(s) per slice, size {size})")
+    print(f"wrote anomaly map to {out} (reverse={args.reverse}, timestep L={args.timestep}, "
+          f"noise level {backbone.noise_level(args.timestep):.3f}, {calls} U-Net call(s) per slice, size {size})")
     return 0
 
 
@@ -43,7 +52,8 @@ def add_anomaly_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``anomaly score`` on an argparse subparsers object; returns the ``anomaly`` parser.
 
     ``diffrep anomaly score --backbone NAME_OR_DIR INPUT.nii.gz --out MAP.nii.gz [--mask MASK.nii.gz]
-    [--noise-level L] [--reverse x0|ddim|ddpm] [--noise gaussian|simplex] [--steps k] [--overwrite]``
+    [--timestep L] [--reverse x0|ddim|ddpm] [--noise-type gaussian|simplex] [--noise POLICY] [--steps k]
+    [--overwrite]``
 
     An existing --out is refused unless --overwrite is given (a map is cheap to recompute, a lost
     file is not); --out can never be the input scan or the mask, whatever the flags.
@@ -57,9 +67,12 @@ def add_anomaly_cli(subparsers: Any) -> argparse.ArgumentParser:
                    "input or the mask, and not an existing file unless --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--mask", default=None, help="brain mask on the input's grid (default: derived by Otsu)")
-    p.add_argument("--noise-level", type=int, default=250, help="timestep L the input is noised to")
+    p.add_argument("--timestep", type=int, default=250, help="timestep L the input is noised to (AnoDDPM's lambda)")
+    p.add_argument("--noise-level", dest="renamed_noise_level", default=None, help=argparse.SUPPRESS)
     p.add_argument("--reverse", choices=REVERSE_MODES, default="x0")
-    p.add_argument("--noise", choices=NOISE_KINDS, default="gaussian")
+    p.add_argument("--noise-type", choices=NOISE_TYPES, default="gaussian", help="the noise distribution")
+    p.add_argument("--noise", default="per_image", help=f"the noise policy: {', '.join(NOISE_POLICIES)} (an "
+                   "ensemble averages k reconstructions, k times the U-Net calls)")
     p.add_argument("--steps", type=int, default=5, help="DDIM steps k (--reverse ddim)")
     p.add_argument("--residual", choices=RESIDUALS, default="l1")
     p.add_argument("--erode", type=int, default=0, help="brain-mask erosion in pixels")

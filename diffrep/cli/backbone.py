@@ -37,11 +37,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             warnings.simplefilter("ignore", ImageSizeWarning)
         images = backbone.check_images(read_images(args.input, backbone), name=f"input {args.input}")
         backbone.check_image_size(tuple(images.shape[2:]), refuse=not args.allow_other_size, name=f"input {args.input}")
-        import torch
-
         out = extract_to_file(backbone, images, args.nodes, args.timesteps, Path(args.out), noise=args.noise,
-                              seed=args.seed, batch_size=args.batch_size, dtype=getattr(torch, args.dtype),
-                              progress=True)
+                              seed=args.seed, batch_size=args.batch_size, dtype=args.dtype, progress=True)
     shutdown(context)
     if context.is_main:
         print(f"wrote features of {images.shape[0]} image(s) to {out}")

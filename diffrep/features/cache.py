@@ -26,7 +26,7 @@ from .._provenance import feature_code_digest
 from .._types import FeatureKey
 from ..backbones.backbone import Backbone
 from ..digests import array_digest, backbone_identity  # backbone_identity: also imported from here
-from ..errors import check_positive_int
+from ..errors import as_dtype, check_positive_int, dtype_name
 from .aggregate import check_pool_grid, pool_map
 from .extractor import FeatureExtractor
 from .noise_policy import NoisePolicy
@@ -34,7 +34,7 @@ from .store import FeatureStore
 
 CACHE_FORMAT = 1
 DEFAULT_CACHE_DIR = ".cache/features"
-_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+_DTYPES = ("float16", "float32")  # the storage dtypes of a pooled cache
 
 
 def _extract_pooled(extractor: FeatureExtractor, images: torch.Tensor, grid: int = 1) -> dict[FeatureKey, torch.Tensor]:
@@ -44,8 +44,9 @@ def _extract_pooled(extractor: FeatureExtractor, images: torch.Tensor, grid: int
 
 
 def pooled_store(backbone: Backbone, images: torch.Tensor, nodes: list[str], timestep: int, *, noise: str,
-                 seed: int, cache_dir: str | os.PathLike, dataset_id: str, chunk_size: int, dtype: str,
-                 identity: str | None = None, digest: str | None = None, pool_grid: int = 1) -> FeatureStore:
+                 seed: int, cache_dir: str | os.PathLike, dataset_id: str, chunk_size: int,
+                 dtype: str | torch.dtype, identity: str | None = None, digest: str | None = None,
+                 pool_grid: int = 1) -> FeatureStore:
     """The FeatureStore holding pooled features of ``images`` at one timestep (created if absent)."""
     fingerprint = {
         "kind": "pooled-gap" if check_pool_grid(pool_grid) == 1 else f"pooled-grid{pool_grid}", "format": CACHE_FORMAT,
@@ -53,7 +54,7 @@ def pooled_store(backbone: Backbone, images: torch.Tensor, nodes: list[str], tim
         "checkpoint": identity or backbone_identity(backbone),
         "nodes": list(nodes), "timestep": int(timestep), "noise": str(NoisePolicy.parse(noise)), "seed": int(seed),
         "dataset": str(dataset_id), "num_images": int(images.shape[0]),
-        "images": digest or array_digest(images), "chunk_size": int(chunk_size), "dtype": dtype,
+        "images": digest or array_digest(images), "chunk_size": int(chunk_size), "dtype": dtype_name(dtype),
     }
     return FeatureStore(cache_dir, fingerprint)
 
@@ -62,7 +63,7 @@ def cached_pooled_features(backbone: Backbone, images: Any, nodes: Iterable[str]
                            timesteps: Iterable[int] | int = (11,), *, noise: str = "shared", seed: int = 0,
                            cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, dataset_id: str = "unnamed",
                            count: int | None = None, chunk_size: int = 1000, batch_size: int = 64,
-                           dtype: str = "float16", progress: bool = True,
+                           dtype: str | torch.dtype = "float16", progress: bool = True,
                            pool_grid: int = 1) -> dict[FeatureKey, np.ndarray]:
     """Pooled features ``{FeatureKey(node, t): (count, C) array}`` of the first ``count`` images, via the cache.
 
@@ -77,7 +78,7 @@ def cached_pooled_features(backbone: Backbone, images: Any, nodes: Iterable[str]
         count: return (and compute) only the first ``count`` images (default: all).
         chunk_size: images per stored chunk (the unit of resumption).
         batch_size: images per U-Net forward (one timestep each, see FeatureExtractor).
-        dtype: ``"float16"`` (default; halves disk and memory) or ``"float32"``.
+        dtype: float16 (default; halves disk and memory) or float32, a torch dtype or its name.
         progress: tqdm bars per timestep.
         pool_grid: 1 = global average pooling (C values per node); g = a g x g average grid
             (C * g**2 values, channel-major); part of the cache key.
@@ -93,8 +94,7 @@ def cached_pooled_features(backbone: Backbone, images: Any, nodes: Iterable[str]
     check_pool_grid(pool_grid, *backbone.max_pool_grid(nodes, tuple(images.shape[2:])))
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     check_positive_int(batch_size, "batch_size")
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
+    dtype = dtype_name(as_dtype(dtype, allowed=_DTYPES))  # the name is part of the cache key
     n = images.shape[0]
     count = n if count is None else check_positive_int(count, "count")
     if count > n:
@@ -121,7 +121,7 @@ def _fill_pooled_store(store: FeatureStore, extractor: FeatureExtractor, images:
 
     def compute(i: int) -> dict[str, torch.Tensor]:
         pooled = _extract_pooled(extractor, images[i * chunk_size:(i + 1) * chunk_size], pool_grid)
-        return {key.node: value.to(_DTYPES[dtype]) for key, value in pooled.items()}
+        return {key.node: value.to(as_dtype(dtype)) for key, value in pooled.items()}
 
     missing = sum(not store.has(i) for i in range(num_chunks))
     bar = None

@@ -13,7 +13,7 @@ import torch
 
 from .._types import FeatureInfo, FeatureKey
 from ..backbones.backbone import Backbone
-from ..errors import check_positive_int
+from ..errors import as_dtype, check_positive_int
 from .hooks import StopForward, capture_nodes
 from .noise_policy import NoisePolicy
 
@@ -56,14 +56,14 @@ class FeatureExtractor:
             rows per timestep.
         batch_timesteps: put all timesteps of an image chunk into one forward.
         early_exit: stop the forward after the last requested node.
-        dtype: dtype of the returned features (float16 halves memory and disk).
+        dtype: dtype of the returned features, a torch dtype or its name (float16 halves memory and disk).
 
     Calling it on (N, C, *spatial) images in the backbone's data range returns a FeatureDict.
     """
 
     def __init__(self, backbone: Backbone, nodes: Iterable[str], timesteps: Iterable[int] | int,
                  noise: str | NoisePolicy = "shared", seed: int = 0, batch_size: int = 64,
-                 batch_timesteps: bool = True, early_exit: bool = True, dtype: torch.dtype = torch.float32) -> None:
+                 batch_timesteps: bool = True, early_exit: bool = True, dtype: str | torch.dtype = torch.float32) -> None:
         self.backbone = backbone
         self.nodes = backbone.check_nodes(nodes)
         if len(set(self.nodes)) != len(self.nodes):
@@ -75,7 +75,7 @@ class FeatureExtractor:
         self.batch_size = batch_size
         self.batch_timesteps = batch_timesteps
         self.early_exit = early_exit
-        self.dtype = dtype
+        self.dtype = as_dtype(dtype)
         info = {i.name: i for i in backbone.feature_info()}
         self.feature_info = {n: info[n] for n in self.nodes}
         self._last_node = max(self.nodes, key=lambda n: info[n].index)

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from .._atomic import atomic_path
 from ..backbones.backbone import Backbone
 from .._types import FeatureKey
+from ..errors import as_dtype
 from .extractor import FeatureDict, FeatureExtractor
 
 
@@ -112,10 +113,11 @@ def read_image_file(file: str | os.PathLike, channels: int) -> np.ndarray:
 
 def extract_to_file(backbone: Backbone, images: Any, nodes: Iterable[str], timesteps: Iterable[int],
                     out: str | os.PathLike, noise: str = "shared", seed: int = 0, batch_size: int = 64,
-                    dtype: torch.dtype = torch.float32, progress: bool = False) -> Path:
+                    dtype: str | torch.dtype = torch.float32, progress: bool = False) -> Path:
     """Extract features of ``images`` (a tensor or array, e.g. a memory-mapped .npy) straight to one
     ``.safetensors`` file (tensor names ``node@t``, the FeatureDict metadata in its header), chunk by chunk
-    of ``batch_size`` images (each forward holds all ``timesteps`` of its images).
+    of ``batch_size`` images (each forward holds all ``timesteps`` of its images), stored in ``dtype`` (a torch
+    dtype or its name).
 
     Memory holds one chunk of images and features, never the whole output. An interrupted run leaves
     ``OUT.partial`` and its progress record; the same call again computes only the missing chunks
@@ -128,6 +130,7 @@ def extract_to_file(backbone: Backbone, images: Any, nodes: Iterable[str], times
     from .stream import SafetensorsStream
 
     extractor = FeatureExtractor(backbone, list(nodes), list(timesteps), noise=noise, seed=seed, batch_size=batch_size)
+    dtype = as_dtype(dtype)
     n = len(images)
     if n == 0:
         raise ValueError("images: expected a non-empty batch, got 0 images")

@@ -25,7 +25,7 @@ from .aggregate import upsample_concat
 from .store import FeatureStore, open_chunk
 from ..errors import as_tensor as _as_tensor
 from ..digests import array_digest, backbone_identity
-from ..errors import check_label_range, check_positive_int
+from ..errors import as_dtype, check_label_range, check_positive_int
 
 DESCRIPTOR = "descriptor"
 LABELS = "labels"
@@ -291,16 +291,17 @@ class BalancedPixelSampler:
     time to gather the chosen descriptors into one preallocated (M, D) buffer. Peak memory is that
     buffer plus one image's descriptor, whatever the number of images.
 
-    ``peak_bytes_`` records the largest (buffer + one image) footprint seen.
+    ``dtype`` (a torch dtype or its name) is that of the sampled descriptors; ``peak_bytes_`` records the
+    largest (buffer + one image) footprint seen.
     """
 
     def __init__(self, source: PixelSource, num_classes: int, max_pixels: int, *, seed: int = 0,
-                 ignore_index: int | None = None, dtype: torch.dtype = torch.float16) -> None:
+                 ignore_index: int | None = None, dtype: str | torch.dtype = torch.float16) -> None:
         if len(source) == 0:
             raise ValueError("source: expected at least one labelled image (N >= 1), got N = 0")
         check_positive_int(max_pixels, "max_pixels")
         self.source, self.num_classes, self.max_pixels = source, int(num_classes), int(max_pixels)
-        self.seed, self.ignore_index, self.dtype = seed, ignore_index, dtype
+        self.seed, self.ignore_index, self.dtype = seed, ignore_index, as_dtype(dtype)
         counts = np.zeros((len(source), self.num_classes), dtype=np.int64)
         for i in range(len(source)):
             y = source.read_labels(i)

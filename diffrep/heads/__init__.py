@@ -5,8 +5,8 @@
 - classification: LinearProbe on pooled features and the node x timestep selection on a validation
   split (selection).
 
-May import diffrep.features, diffrep.backbones and the shared helpers (errors, persistence, _types);
-imported by the pipelines, the CLI and the benchmarks, never by features or backbones.
+May import diffrep.features, diffrep.backbones, diffrep.persistence and the shared helpers (errors, _types,
+_legacy_formats); imported by the pipelines, the CLI and the benchmarks, never by features or backbones.
 """
 from .linear_probe import LinearProbe
 from .pixel_classifier import MLPEnsemble, PixelClassifier, combine_members, segmentation_metrics

@@ -49,7 +49,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             U-Net channels differ in scale by orders of magnitude, so this matters for L-BFGS.
         solver: ``LogisticRegression`` solver (``"lbfgs"``, ``"newton-cg"``, ``"sag"``, ``"saga"``...).
         class_weight: ``None`` or ``"balanced"`` or a dict, as in ``LogisticRegression``.
-        random_state: seed for the stochastic solvers (``"sag"``, ``"saga"``).
+        seed: seed for the stochastic solvers (``"sag"``, ``"saga"``), scikit-learn's ``random_state``.
 
     Fitted attributes: ``classes_``, ``n_features_in_``, ``pipeline_`` (the fitted
     ``Pipeline(StandardScaler, LogisticRegression)``), ``coef_`` and ``intercept_`` (in the
@@ -60,14 +60,14 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     """
 
     def __init__(self, C: float = 1.0, max_iter: int = 1000, tol: float = 1e-4, standardise: bool = True,
-                 solver: str = "lbfgs", class_weight: Any = None, random_state: Any = None) -> None:
+                 solver: str = "lbfgs", class_weight: Any = None, seed: Any = None) -> None:
         self.C = C
         self.max_iter = max_iter
         self.tol = tol
         self.standardise = standardise
         self.solver = solver
         self.class_weight = class_weight
-        self.random_state = random_state
+        self.seed = seed
 
     def _build(self) -> Pipeline:
         if not (isinstance(self.C, (int, float, np.number)) and not isinstance(self.C, bool) and self.C > 0):
@@ -76,7 +76,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         steps = [("scale", StandardScaler() if self.standardise else "passthrough"),
                  ("logreg", LogisticRegression(C=float(self.C), max_iter=int(self.max_iter), tol=self.tol,
                                                solver=self.solver, class_weight=self.class_weight,
-                                               random_state=self.random_state))]
+                                               random_state=self.seed))]
         return Pipeline(steps)
 
     def fit(self, X: Any, y: Any) -> "LinearProbe":

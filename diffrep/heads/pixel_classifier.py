@@ -10,7 +10,7 @@ pixels, cross-entropy, and predict by majority vote. Differences here, all delib
   by image from disk (or from in-memory arrays), so peak memory does not grow with the number of
   labelled images (the reference holds every pixel as float32 in RAM);
 * a fixed number of epochs replaces the reference's batch-loss early stopping;
-* inputs are standardised per feature (mean/std of the first sample) unless ``standardize=False``;
+* inputs are standardised per feature (mean/std of the first sample) unless ``standardise=False``;
 * the K members are trained together as one batched module (each member its own minibatch order
   and initialisation; its gradient and Adam state are its own), which is just faster on CPU.
 """
@@ -107,10 +107,10 @@ class PixelClassifier(BaseEstimator):
             memory (float16: ``max_pixels_in_memory * D * 2`` bytes) besides one image's descriptor.
         vote: ``"majority"`` (the paper; ties go to the higher mean probability) or ``"mean"``
             (argmax of the members' mean probability).
-        standardize: standardise each feature with the first sample's mean and std.
+        standardise: standardise each feature with the first sample's mean and std.
         ignore_index: the label of unlabelled pixels, left out of training, the class count and scoring.
         predict_batch_pixels: pixels per forward at prediction time (at most ``max_pixels_in_memory``).
-        random_state: seed of the sampler, the initialisation and the minibatch order.
+        seed: seed of the sampler, the initialisation and the minibatch order.
         device: torch device for training and prediction.
 
     Fitted attributes: ``ensemble_``, ``classes_``, ``n_features_in_``, ``mean_``, ``scale_``,
@@ -120,8 +120,8 @@ class PixelClassifier(BaseEstimator):
 
     def __init__(self, num_classes: int | None = None, n_members: int = 10, hidden: Sequence[int] = (128, 32),
                  epochs: int = 10, batch_size: int = 64, lr: float = 1e-3, max_pixels_in_memory: int = 100_000,
-                 vote: str = "majority", standardize: bool = True, ignore_index: int | None = None,
-                 predict_batch_pixels: int = 16_384, random_state: int = 0, device: str = "cpu") -> None:
+                 vote: str = "majority", standardise: bool = True, ignore_index: int | None = None,
+                 predict_batch_pixels: int = 16_384, seed: int = 0, device: str = "cpu") -> None:
         self.num_classes = num_classes
         self.n_members = n_members
         self.hidden = hidden
@@ -130,10 +130,10 @@ class PixelClassifier(BaseEstimator):
         self.lr = lr
         self.max_pixels_in_memory = max_pixels_in_memory
         self.vote = vote
-        self.standardize = standardize
+        self.standardise = standardise
         self.ignore_index = ignore_index
         self.predict_batch_pixels = predict_batch_pixels
-        self.random_state = random_state
+        self.seed = seed
         self.device = device
 
     # ------------------------------------------------------------------------------------- checks
@@ -171,9 +171,9 @@ class PixelClassifier(BaseEstimator):
         num_classes = check_label_classes((source.read_labels(i) for i in range(len(source))), self.num_classes,
                                           self.ignore_index)
         sampler = BalancedPixelSampler(source, num_classes, int(self.max_pixels_in_memory),
-                                       seed=int(self.random_state), ignore_index=self.ignore_index)
+                                       seed=int(self.seed), ignore_index=self.ignore_index)
         device = torch.device(self.device)
-        generator = torch.Generator().manual_seed(int(self.random_state))
+        generator = torch.Generator().manual_seed(int(self.seed))
         d, k = int(source.num_features), int(self.n_members)
         ensemble = MLPEnsemble(k, d, tuple(int(h) for h in self.hidden), num_classes, generator).to(device)
         optimizer = torch.optim.Adam(ensemble.parameters(), lr=float(self.lr))
@@ -184,7 +184,7 @@ class PixelClassifier(BaseEstimator):
         for epoch in range(int(self.epochs)):
             xs, ys = sampler.sample(epoch)
             _check_finite(xs, f"X (the epoch-{epoch} pixel sample)")
-            if epoch == 0 and self.standardize:
+            if epoch == 0 and self.standardise:
                 mean, scale = _moments(xs)
             m = xs.shape[0]
             if m < 2:

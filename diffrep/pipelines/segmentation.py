@@ -68,7 +68,7 @@ def fit_segmentation_head(backbone: Backbone, images: torch.Tensor, labels: Any,
     store = build_pixel_store(store_root, extractor, images, labels, batch_size=images_per_batch, progress=progress)
     clf = PixelClassifier(num_classes=num_classes, n_members=members, epochs=epochs, batch_size=batch_size, lr=lr,
                           max_pixels_in_memory=max_pixels, vote=vote, ignore_index=ignore_index,
-                          random_state=seed).fit(store)
+                          seed=seed).fit(store)
     metadata = {"backbone": str(backbone_name), "backbone_digest": backbone_identity(backbone),
                 "nodes": list(extractor.nodes), "timesteps": list(extractor.timesteps), "noise": str(extractor.noise),
                 "seed": extractor.seed, "image_shape": list(images.shape[2:]), "store": str(store.path),
