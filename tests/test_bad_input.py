@@ -75,7 +75,7 @@ def test_bad_batch_size(backbone):
 
 
 def test_missing_checkpoint(tmp_path):
-    with pytest.raises(CheckpointError, match="neither a checkpoint directory nor a shipped default"):
+    with pytest.raises(CheckpointError, match="neither a checkpoint directory, a shipped default nor a Hub id"):
         load_backbone(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="config.json is missing"):

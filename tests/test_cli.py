@@ -68,7 +68,7 @@ def test_cli_errors_are_clear(checkpoint, tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["nodes", str(tmp_path / "nowhere")]) == 2
-    assert "neither a checkpoint directory nor a shipped default" in capsys.readouterr().err
+    assert "neither a checkpoint directory, a shipped default nor a Hub id" in capsys.readouterr().err
 
 
 # The shipped defaults with what the README records for them: training steps of the shipped run and

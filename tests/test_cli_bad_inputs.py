@@ -79,7 +79,7 @@ def _diffusers_truncated(tmp: Path, ckpt: Path) -> list[str]:
 
 CASES_NODES = [
     Case("nodes-missing-checkpoint", lambda tmp, ckpt: ["nodes", str(tmp / "nowhere")],
-         r"nowhere.*neither a checkpoint directory nor a shipped default"),
+         r"nowhere.*neither a checkpoint directory, a shipped default nor a Hub id"),
     Case("nodes-garbled-config", lambda tmp, ckpt: ["nodes", _broken_ckpt(
         tmp, ckpt, lambda d: (d / "config.json").write_text('{"format": "diffrep-backbone", "unet": {'))],
          r"broken/config\.json is not valid JSON"),
