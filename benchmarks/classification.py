@@ -9,8 +9,11 @@ Protocol (DDAE-style linear probe, Xiang et al. ICCV 2023, with the search kept 
   architecture with the same extractor, search and head;
 - supervised reference: a narrow timm ResNet (resnet10t, channels 32-256) trained from scratch on the
   same labels;
-- label efficiency: 10 and 100 labels per class from the fit part, mean +- std over 3 seeds, for
-  diffrep and both controls, with the (node, t) chosen at full labels.
+- label efficiency: 10 and 100 labels per class from the fit part, for diffrep and both controls, with
+  the (node, t) chosen at full labels;
+- noise seeds: the selection uses ``--seed``; the chosen keys are then re-extracted under every
+  ``--noise-seeds`` draw (``noise_seeds.py``), so every U-Net row is mean +- std over label seeds x
+  noise seeds (full-label rows: over noise seeds), with the std split into its two parts ("spread").
 
 Settings: ``configs/benchmarks/classification.yaml`` (``full``; ``quick`` over it with ``--quick``; the
 options given over both).
@@ -32,8 +35,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS_DIR, Stopwatch, finish_metadata, load_settings, mean_std, merge_settings,  # noqa: E402
+from common import (RESULTS_DIR, Stopwatch, finish_metadata, load_settings, merge_settings,  # noqa: E402
                     random_init_control, run_metadata, write_json)
+from noise_seeds import chosen_keys, features_at_noise_seed, seed_stats  # noqa: E402
 
 from diffrep import load_backbone  # noqa: E402
 from diffrep._atomic import atomic_savefig  # noqa: E402
@@ -72,6 +76,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid-fit", type=int, default=None, help="fit images used to score the grid (default 10000)")
     p.add_argument("--labels-per-class", nargs="+", type=int, default=[10, 100])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="label-subset seeds")
+    p.add_argument("--noise-seeds", nargs="+", type=int, default=None,
+                   help=f"extraction-noise seeds of the chosen keys (default {FULL['noise_seeds']})")
     p.add_argument("--C", type=float, default=1.0)
     p.add_argument("--max-iter", type=int, default=1000)
     p.add_argument("--cnn-epochs", type=int, default=None, help="default 5")
@@ -90,8 +96,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def _row(method: str, keys: Any, backbone: Backbone | None, labels_per_class: int | None, accs: list[float],
-         seeds: list[int], n_train: int, **extra: Any) -> dict:
+def _row(method: str, keys: Any, backbone: Backbone | None, labels_per_class: int | None,
+         accs: dict[tuple[int, int | None], float], n_train: int, **extra: Any) -> dict:
+    """One result row; ``accs`` maps (label seed, noise seed) to test accuracy (noise seed None: no noise)."""
     if keys is None:
         node, timestep, level, key = None, None, None, None
     else:
@@ -100,10 +107,12 @@ def _row(method: str, keys: Any, backbone: Backbone | None, labels_per_class: in
         levels = [round(backbone.noise_level(t), 6) for t in ts]
         timestep, level = (ts[0], levels[0]) if len(ts) == 1 else (ts, levels)
         key = key_name(keys)
-    stats = mean_std(accs)
+    stats = seed_stats(accs)
     return {"method": method, "key": key, "node": node, "timestep": timestep, "noise_level": level,
             "labels_per_class": labels_per_class, "n_train": n_train, "test_acc_mean": stats["mean"],
-            "test_acc_std": stats["std"], "test_accs": stats["values"], "seeds": seeds, **extra}
+            "test_acc_std": stats["std"], "test_accs": stats["values"], "test_acc": stats,
+            "seeds": sorted({ls for ls, _ in accs}), "noise_seeds": sorted({ns for _, ns in accs if ns is not None}),
+            **extra}
 
 
 def fit_score(X: np.ndarray, y: np.ndarray, Xt: np.ndarray, yt: np.ndarray, probe: LinearProbe) -> float:
@@ -205,22 +214,60 @@ def _load_data(args: argparse.Namespace, backbone: Backbone) -> _Data:
     return _Data(xtr, ytr, xte, yte, info, xtr.flatten(1).numpy(), xte.flatten(1).numpy())
 
 
-def _full_label_rows(args: argparse.Namespace, probed: list[tuple[str, ProbeRun, Backbone]], data: _Data,
-                     probe: LinearProbe, watch: Stopwatch, progress: bool) -> list[dict]:
-    """Rows at full labels: each probed backbone's choices, the raw-pixel probe and (unless skipped) the CNN."""
-    run = probed[0][1]
+class _Probed(NamedTuple):
+    """A probed backbone: its run (selection with ``--seed``) and the chosen keys' features per noise seed."""
+
+    name: str
+    run: ProbeRun
+    backbone: Backbone
+    features: dict[int, tuple[dict, dict]]
+
+
+def _with_noise_seeds(name: str, run: ProbeRun, backbone: Backbone, args: argparse.Namespace, data: _Data,
+                      progress: bool) -> _Probed:
+    """Re-extract the run's chosen keys under every noise seed (the selection seed reuses the run's features)."""
+    keys = chosen_keys(run.selection.best_single, run.selection.best_concat, run.selection.best)
+    ordered = data.xtr[torch.from_numpy(run.order)]
+    count = int(run.position[run.train_idx].max()) + 1
+    features = {}
+    for n in args.noise_seeds:
+        if n == args.seed:
+            features[n] = ({k: run.features_train[k] for k in keys}, {k: run.features_test[k] for k in keys})
+        else:
+            features[n] = features_at_noise_seed(
+                backbone, keys, ordered, data.xte, n, count=count, noise=args.noise, cache_dir=args.cache_dir,
+                dataset_id=f"fmnist:{data.info['n_train']}/{data.info['n_test']}:val={args.val_fraction},seed={args.seed}",
+                chunk_size=args.chunk_size, batch_size=args.batch_size, progress=progress, pool_grid=args.pool_grid)
+    return _Probed(name, run, backbone, features)
+
+
+def _probe_acc(p: _Probed, keys: Any, noise_seed: int, idx: np.ndarray, data: _Data, probe: LinearProbe) -> float:
+    """Test accuracy of a probe fitted on training images ``idx`` with the chosen keys under one noise seed."""
+    train, test = p.features[noise_seed]
+    return fit_score(stack_features(train, keys, rows=p.run.position[idx]), data.ytr[idx],
+                     stack_features(test, keys), data.yte, probe)
+
+
+def _full_label_rows(args: argparse.Namespace, probed: list[_Probed], data: _Data, probe: LinearProbe,
+                     watch: Stopwatch, progress: bool) -> list[dict]:
+    """Rows at full labels: each probed backbone's choices (over noise seeds), raw pixels and (unless skipped) the CNN."""
+    run = probed[0].run
     n_full = int(run.train_idx.size)
     rows = []
-    for name, r, rb in probed:
+    for p in probed:
         for kind, label in (("single", "best (node, t)"), ("concat", "best concatenation")):
-            if kind in r.report["choices"]:
-                c = r.report["choices"][kind]
-                keys = r.selection.best_single if kind == "single" else r.selection.best_concat
-                rows.append(_row(f"{name}: {label}", keys, rb, None, [c["test_acc"]], [args.seed], n_full,
-                                 val_acc=c["val_acc"], validation_winner=r.report["best"] == kind))
+            if kind in p.run.report["choices"]:
+                c = p.run.report["choices"][kind]
+                keys = p.run.selection.best_single if kind == "single" else p.run.selection.best_concat
+                with watch(f"{p.name}: full-label refits over noise seeds"):
+                    accs = {(args.seed, n): (c["test_acc"] if n == args.seed
+                                             else _probe_acc(p, keys, n, p.run.train_idx, data, probe))
+                            for n in args.noise_seeds}
+                rows.append(_row(f"{p.name}: {label}", keys, p.backbone, None, accs, n_full,
+                                 val_acc=c["val_acc"], validation_winner=p.run.report["best"] == kind))
     with watch("raw pixels: full-label probe"):
         acc = fit_score(data.raw_train[run.train_idx], data.ytr[run.train_idx], data.raw_test, data.yte, probe)
-    rows.append(_row("control: raw pixels", None, None, None, [acc], [args.seed], n_full))
+    rows.append(_row("control: raw pixels", None, None, None, {(args.seed, None): acc}, n_full))
     if not args.skip_cnn:
         with watch("supervised CNN"):
             # the CNN sees the unpadded 28x28 images in [0, 1]
@@ -229,35 +276,35 @@ def _full_label_rows(args: argparse.Namespace, probed: list[tuple[str, ProbeRun,
             cnn = train_cnn(to_tensor_images(train_u8[run.train_idx]), data.ytr[run.train_idx],
                             to_tensor_images(test_u8), data.yte, epochs=args.cnn_epochs, seed=args.seed,
                             progress=progress)
-        rows.append(_row("reference: supervised CNN (end to end)", None, None, None, [cnn["test_acc"]], [args.seed],
+        rows.append(_row("reference: supervised CNN (end to end)", None, None, None, {(args.seed, None): cnn["test_acc"]},
                          n_full, details=cnn))
     return rows
 
 
-def _label_efficiency_rows(args: argparse.Namespace, probed: list[tuple[str, ProbeRun, Backbone]], data: _Data,
+def _label_efficiency_rows(args: argparse.Namespace, probed: list[_Probed], data: _Data,
                            probe: LinearProbe) -> list[dict]:
-    """Rows with K labels per class from the fit part (never from validation), over the label-subset seeds."""
-    (_, run, backbone), rrun = probed[0], (probed[1] if len(probed) > 1 else None)
-    methods = {"diffrep: validation winner": (run, run.selection.best, backbone),
-               "diffrep: best (node, t)": (run, run.selection.best_single, backbone)}
-    if run.selection.best_concat is not None:
-        methods["diffrep: best concatenation"] = (run, run.selection.best_concat, backbone)
-    methods["control: raw pixels"] = (None, None, None)
-    if rrun is not None:
-        methods["control: random-init U-Net, validation winner"] = (rrun[1], rrun[1].selection.best, rrun[2])
-    ytr, yte, rows = data.ytr, data.yte, []
+    """Rows with K labels per class from the fit part (never from validation), over label seeds x noise seeds."""
+    main, control = probed[0], (probed[1] if len(probed) > 1 else None)
+    sel = main.run.selection
+    methods = {"diffrep: validation winner": (main, sel.best), "diffrep: best (node, t)": (main, sel.best_single)}
+    if sel.best_concat is not None:
+        methods["diffrep: best concatenation"] = (main, sel.best_concat)
+    methods["control: raw pixels"] = (None, None)
+    if control is not None:
+        methods["control: random-init U-Net, validation winner"] = (control, control.run.selection.best)
+    ytr, fit_idx, rows = data.ytr, main.run.fit_idx, []
     for k in args.labels_per_class:
-        accs: dict[str, list[float]] = {m: [] for m in methods}
+        accs: dict[str, dict] = {m: {} for m in methods}
         for s in args.seeds:
-            idx = run.fit_idx[sample_per_class(ytr[run.fit_idx], k, s)]
-            for m, (r, keys, _) in methods.items():
-                if r is None:
-                    accs[m].append(fit_score(data.raw_train[idx], ytr[idx], data.raw_test, yte, probe))
-                else:
-                    accs[m].append(fit_score(stack_features(r.features_train, keys, rows=r.position[idx]), ytr[idx],
-                                             stack_features(r.features_test, keys), yte, probe))
-        for m, (r, keys, rb) in methods.items():
-            rows.append(_row(m, keys, rb, k, accs[m], list(args.seeds), k * len(np.unique(ytr))))
+            idx = fit_idx[sample_per_class(ytr[fit_idx], k, s)]
+            for m, (p, keys) in methods.items():
+                if p is None:
+                    accs[m][(s, None)] = fit_score(data.raw_train[idx], ytr[idx], data.raw_test, data.yte, probe)
+                    continue
+                for n in args.noise_seeds:
+                    accs[m][(s, n)] = _probe_acc(p, keys, n, idx, data, probe)
+        for m, (p, keys) in methods.items():
+            rows.append(_row(m, keys, p.backbone if p else None, k, accs[m], k * len(np.unique(ytr))))
     return rows
 
 
@@ -267,14 +314,17 @@ def _targets(args: argparse.Namespace, rows: list[dict], run: ProbeRun) -> dict:
         hit = [r["test_acc_mean"] for r in rows if r["method"] == method and r["labels_per_class"] == k]
         return hit[0] if hit else None
 
-    full = run.report["test_acc"]
+    winner = [r for r in rows if r["method"].startswith("diffrep: ") and r["labels_per_class"] is None
+              and r.get("validation_winner")]
+    full = winner[0]["test_acc_mean"]  # mean over noise seeds
     gain = None
     if 10 in args.labels_per_class:
         gain = mean_of("diffrep: validation winner", 10) - mean_of("control: raw pixels", 10)
     targets = {**TARGETS, "full_labels_test_acc": full, "labels10_gain_over_raw_pixels": gain,
                "met": bool(full >= TARGETS["full_labels_test_acc_min"] and gain is not None
                            and gain >= TARGETS["labels10_gain_over_raw_pixels_min"]),
-               "measured_on": ("the validation winner (single or concatenation) of the pretrained backbone; "
+               "measured_on": ("the validation winner (single or concatenation) of the pretrained backbone, mean "
+                               "over noise seeds; "
                                "gain in accuracy points / 100, mean over seeds")}
     if args.quick:
         targets["note"] = "quick run on subsets: not evidence for or against the targets"
@@ -299,6 +349,9 @@ def _payload(args: argparse.Namespace, meta: dict, watch: Stopwatch, backbone: B
                      "grid_fit": run.report["n_grid_fit"], "full_label_refit": "fit + validation",
                      "label_efficiency": ("K per class from the fit part; (node, t) chosen at full labels on the "
                                           "validation split; seeds vary the labelled subset"),
+                     "noise_seeds": ("selection with the extraction noise of --seed; the chosen keys re-extracted "
+                                     f"under noise seeds {list(args.noise_seeds)}; U-Net rows are mean +- std over "
+                                     "label seeds x noise seeds, 'spread' splits the std into its two parts"),
                      "probe": run.report["probe"], "noise": args.noise,
                      "pooling": ("global average" if args.pool_grid == 1
                                  else f"{args.pool_grid}x{args.pool_grid} average grid per node"),
@@ -315,7 +368,7 @@ def _payload(args: argparse.Namespace, meta: dict, watch: Stopwatch, backbone: B
 def _print_summary(rows: list[dict], targets: dict, payload: dict, path: Path, heat_path: Path) -> None:
     print(f"{'method':<48} {'K':>5} {'key':<24} {'test acc':>14}")
     for r in rows:
-        acc = f"{r['test_acc_mean']:.4f}" + (f" +- {r['test_acc_std']:.4f}" if len(r["seeds"]) > 1 else "")
+        acc = f"{r['test_acc_mean']:.4f}" + (f" +- {r['test_acc_std']:.4f}" if r["test_acc"]["n"] > 1 else "")
         print(f"{r['method']:<48} {str(r['labels_per_class'] or 'all'):>5} {str(r['key'] or '-'):<24} {acc:>14}")
     print(f"targets met: {targets['met']}  (wall {payload['wall_seconds']} s)  wrote {path} and {heat_path}")
 
@@ -351,6 +404,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         with watch("random U-Net: features + selection + full-label probes"):
             rrun = run_probe(random_backbone, data.xtr, data.ytr, data.xte, data.yte, **common)
     probed = [("diffrep", run, backbone)] + ([("control: random-init U-Net", rrun, random_backbone)] if rrun else [])
+    with watch("chosen keys under every noise seed"):
+        probed = [_with_noise_seeds(name, r, rb, args, data, progress) for name, r, rb in probed]
     rows = _full_label_rows(args, probed, data, probe, watch, progress)
     with watch("label efficiency"):
         rows += _label_efficiency_rows(args, probed, data, probe)

@@ -64,7 +64,7 @@ def classification(name: str = "classification_fmnist.json") -> list[str]:
              f"`benchmarks/results/{name}`, heatmap `{data['heatmap']}`)", "",
              "| method | labels per class | (node, t) | test accuracy (%) |", "|---|---|---|---|"]
     for r in data["rows"]:
-        acc = {"mean": r["test_acc_mean"], "std": r["test_acc_std"], "n": len(r["seeds"])}
+        acc = r.get("test_acc") or {"mean": r["test_acc_mean"], "std": r["test_acc_std"], "n": len(r["seeds"])}
         lines.append(f"| {r['method']} | {r['labels_per_class'] or 'all (60k)'} | {r['key'] or '-'} | {_pm(acc, 100)} |")
     t = data["targets"]
     gain = t["labels10_gain_over_raw_pixels"]

@@ -16,13 +16,14 @@ import segmentation_brain  # noqa: E402
 from common import load_settings, merge_settings  # noqa: E402
 
 # The settings of a full and of a --quick run as the benchmarks spelled them in code before they moved to
-# configs/benchmarks/ (item order included: it is the order of the recorded config in a result JSON).
+# configs/benchmarks/ (item order included: it is the order of the recorded config in a result JSON), plus
+# the settings added since (classification: noise_seeds).
 BEFORE = {
     "classification": (
         {"grid_fit": 10000, "val_fraction": 0.1, "timesteps": [1, 11, 50, 150, 300], "cnn_epochs": 5,
-         "chunk_size": 1000, "limit_train": None, "limit_test": None},
+         "chunk_size": 1000, "limit_train": None, "limit_test": None, "noise_seeds": [0, 1, 2]},
         {"grid_fit": 1000, "val_fraction": 0.2, "timesteps": [1, 50], "cnn_epochs": 1, "chunk_size": 500,
-         "limit_train": 2000, "limit_test": 1000}),
+         "limit_train": 2000, "limit_test": 1000, "noise_seeds": [0, 1]}),
     "segmentation_brain": (
         {"ns": [1, 5, 10], "seeds": [0, 1, 2], "members": 10, "epochs": 10, "batch_size": 64, "max_pixels": 50000,
          "grid_members": 5, "grid_epochs": 5, "grid_nodes": ["decoder5", "decoder-late", "encoder4", "all9"],

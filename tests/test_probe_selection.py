@@ -334,7 +334,16 @@ def test_benchmark_writes_json_and_heatmap(tmp_path, tiny_dir):
     assert {"diffrep: best (node, t)", "control: raw pixels", "reference: supervised CNN (end to end)",
             "control: random-init U-Net: best (node, t)"} <= methods
     low = [r for r in saved["rows"] if r["labels_per_class"] == 2]
-    assert low and all(r["seeds"] == [0, 1] and len(r["test_accs"]) == 2 for r in low)
+    assert low and all(r["seeds"] == [0, 1] for r in low)
+    for r in low:  # U-Net rows: label seeds x noise seeds (quick: [0, 1]); raw pixels: label seeds only
+        pairs = {(p["label_seed"], p["noise_seed"]) for p in r["test_acc"]["pairs"]}
+        noisy = r["method"] != "control: raw pixels"
+        assert pairs == ({(s, n) for s in (0, 1) for n in (0, 1)} if noisy else {(0, None), (1, None)})
+        assert (r["test_acc"]["spread"]["noise_seeds"] is not None) == noisy
+    full = {r["method"]: r for r in saved["rows"] if r["labels_per_class"] is None}
+    single = full["diffrep: best (node, t)"]
+    assert single["noise_seeds"] == [0, 1] and single["test_acc"]["pairs"][0]["noise_seed"] == 0
+    assert single["test_acc"]["pairs"][0]["value"] == payload["rows"][0]["test_acc"]["pairs"][0]["value"]
     png = (tmp_path / "out" / "classification_fmnist_quick_heatmap.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
