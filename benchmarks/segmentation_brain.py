@@ -18,7 +18,10 @@ Rows (same N, same slices, same test set):
 - trivial: intensity + pixel coordinates (3 features) into the same head.
 
 Metrics: IoU and Dice per class from the confusion matrix pooled over all test pixels, mIoU over the 4
-classes (as ddpm-segmentation) and over the 3 tissues; mean +- std over seeds.
+classes (as ddpm-segmentation) and over the 3 tissues; mean +- std over label seeds x noise seeds for
+the U-Net rows (the selection grid uses the noise of ``--seed``; the chosen descriptors are then
+extracted under every ``noise_seeds`` draw), over label seeds for the noise-free baselines; the mIoU's
+"spread" splits the std into its label-seed and noise-seed parts.
 
 Memory: the diffrep pipeline (descriptors streamed to a float16 PixelStore, training from a fixed pixel
 budget, streaming prediction) against the reference approach (every training descriptor in one float32
@@ -50,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (RESULTS_DIR, Stopwatch, finish_metadata, load_settings, mean_std, merge_settings,  # noqa: E402
                     random_init_control, run_metadata, write_json)
 from memory import PeakMeter, report, run_measured  # noqa: E402
+from noise_seeds import spread_parts  # noqa: E402
 
 from diffrep import FeatureKey, load_backbone, upsample_concat  # noqa: E402
 from diffrep._atomic import atomic_savefig  # noqa: E402
@@ -83,7 +87,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(RESULTS_DIR))
     p.add_argument("--cache-dir", default=".cache/pixel-stores", help="PixelStore root (reruns resume)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0, help="noise seed of the feature extractor")
+    p.add_argument("--seed", type=int, default=0, help="noise seed of the feature extractor in the selection grid")
     p.add_argument("--test-augment", type=int, default=0, help="augmented copies of each test slice to add")
     p.add_argument("--skip-memory", action="store_true")
     for name in FULL:
@@ -147,10 +151,12 @@ def augmented(data: BrainSlices, copies: int, seed: int) -> BrainSlices:
 
 
 def pixel_store(backbone: Backbone, nodes: list[str], timesteps: list[int], images: np.ndarray, labels: np.ndarray,
-                args: argparse.Namespace, root: str | Path | None = None):
-    """The pixel descriptors of ``diffrep segment fit`` (the library's extract_pixel_store), shared noise."""
+                args: argparse.Namespace, root: str | Path | None = None, noise_seed: int | None = None):
+    """The pixel descriptors of ``diffrep segment fit`` (the library's extract_pixel_store), shared noise
+    drawn with ``noise_seed`` (default ``--seed``, the selection's)."""
+    seed = args.seed if noise_seed is None else noise_seed
     return extract_pixel_store(root or args.cache_dir, backbone, nodes, timesteps, torch.from_numpy(images),
-                               torch.from_numpy(labels), noise="shared", seed=args.seed, num_classes=NUM_CLASSES)
+                               torch.from_numpy(labels), noise="shared", seed=seed, num_classes=NUM_CLASSES)
 
 
 def trivial_descriptors(images: np.ndarray) -> torch.Tensor:
@@ -187,8 +193,11 @@ def train_supervised(data: BrainSlices, test_images: np.ndarray, *, steps: int, 
 
 
 def summarise(method: str, n: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"method": method, "n_labelled": n, "seeds": [r["seed"] for r in runs],
-            "miou": mean_std([100 * r["miou"] for r in runs]),
+    """Mean +- std over every run (label seed x noise seed), the mIoU's spread split into its two parts."""
+    noise_seeds = sorted({r["noise_seed"] for r in runs if r.get("noise_seed") is not None})
+    return {"method": method, "n_labelled": n, "seeds": sorted({r["seed"] for r in runs}), "noise_seeds": noise_seeds,
+            "miou": {**mean_std([100 * r["miou"] for r in runs]),
+                     "spread": spread_parts({(r["seed"], r.get("noise_seed")): 100 * r["miou"] for r in runs})},
             "miou_tissue": mean_std([100 * r["miou_tissue"] for r in runs]),
             "mdice": mean_std([100 * r["mdice"] for r in runs]),
             "iou": {name: mean_std([100 * r["iou"][c] for r in runs]) for c, name in enumerate(LABEL_NAMES)},
@@ -355,15 +364,18 @@ def pixel_head_rows(args: argparse.Namespace, nets: dict[str, tuple[str, Backbon
     for key, (method, bb) in nets.items():
         nodes, ts = selection[key]["chosen"]["nodes"], selection[key]["chosen"]["timesteps"]
         with watch(f"{method}: features"):
-            tr_store = pixel_store(bb, nodes, ts, train.images[union], train.labels[union], args)
-            te_store = pixel_store(bb, nodes, ts, test.images, test.labels, args)
+            stores = {ns: (pixel_store(bb, nodes, ts, train.images[union], train.labels[union], args, noise_seed=ns),
+                           pixel_store(bb, nodes, ts, test.images, test.labels, args, noise_seed=ns))
+                      for ns in args.noise_seeds}
         for n in args.ns:
             runs = []
-            for s in args.seeds:
+            for s, ns in ((s, ns) for s in args.seeds for ns in args.noise_seeds):
+                tr_store, te_store = stores[ns]
                 with watch(f"{method}: heads"):
                     clf = make_head(args, s).fit(tr_store.subset([position[i] for i in labelled[s][n]]))
                     pred, unc = clf.predict_with_uncertainty(te_store)
-                runs.append({"seed": s, "slices": train.slice_index[labelled[s][n]].tolist(), **scores(pred, test.labels)})
+                runs.append({"seed": s, "noise_seed": ns, "slices": train.slice_index[labelled[s][n]].tolist(),
+                             **scores(pred, test.labels)})
                 if method == "diffrep" and overlay is None and n == min(args.ns, key=lambda k: abs(k - SELECT_N)):
                     overlay = (pred, unc, n, s)
             rows.append({**summarise(method, n, runs), "nodes": nodes, "timesteps": ts})

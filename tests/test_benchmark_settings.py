@@ -17,7 +17,7 @@ from common import load_settings, merge_settings  # noqa: E402
 
 # The settings of a full and of a --quick run as the benchmarks spelled them in code before they moved to
 # configs/benchmarks/ (item order included: it is the order of the recorded config in a result JSON), plus
-# the settings added since (classification: noise_seeds).
+# the settings added since (noise_seeds in classification and segmentation_brain).
 BEFORE = {
     "classification": (
         {"grid_fit": 10000, "val_fraction": 0.1, "timesteps": [1, 11, 50, 150, 300], "cnn_epochs": 5,
@@ -25,11 +25,11 @@ BEFORE = {
         {"grid_fit": 1000, "val_fraction": 0.2, "timesteps": [1, 50], "cnn_epochs": 1, "chunk_size": 500,
          "limit_train": 2000, "limit_test": 1000, "noise_seeds": [0, 1]}),
     "segmentation_brain": (
-        {"ns": [1, 5, 10], "seeds": [0, 1, 2], "members": 10, "epochs": 10, "batch_size": 64, "max_pixels": 50000,
+        {"ns": [1, 5, 10], "seeds": [0, 1, 2], "noise_seeds": [0, 1, 2], "members": 10, "epochs": 10, "batch_size": 64, "max_pixels": 50000,
          "grid_members": 5, "grid_epochs": 5, "grid_nodes": ["decoder5", "decoder-late", "encoder4", "all9"],
          "grid_timesteps": ["t50-150-250", "t10-50-100", "t10", "t0"], "sup_steps": 400, "sup_batch": 8,
          "val_limit": None, "test_limit": None, "memory_augment": 3, "memory_limit": None},
-        {"ns": [1, 5], "seeds": [0], "members": 3, "epochs": 2, "batch_size": 64, "max_pixels": 4000,
+        {"ns": [1, 5], "seeds": [0], "noise_seeds": [0, 1], "members": 3, "epochs": 2, "batch_size": 64, "max_pixels": 4000,
          "grid_members": 3, "grid_epochs": 2, "grid_nodes": ["decoder5", "encoder4"],
          "grid_timesteps": ["t50-150-250", "t10"], "sup_steps": 20, "sup_batch": 4, "val_limit": 4, "test_limit": 6,
          "memory_augment": 0, "memory_limit": 16}),

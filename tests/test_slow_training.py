@@ -35,3 +35,24 @@ def test_a_short_real_training_run_lowers_the_heldout_loss(tmp_path):
         assert trained[t] < 0.5 * fresh[t], (t, trained[t], fresh[t])
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < 0.5 * log[0]["loss"]  # and the training loss fell along the way
+
+
+@pytest.mark.slow
+def test_segmentation_benchmark_quick_reports_label_x_noise_seeds(tmp_path):
+    """The quick segmentation benchmark (random-init backbone, ~2 min): U-Net rows over label x noise seeds."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "segmentation_brain.py"
+    spec = importlib.util.spec_from_file_location("segmentation_brain_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--quick", "--backbone", "random-brain", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "c"),
+                "--skip-memory", "--noise-seeds", "0", "1"])
+    rows = json.loads((tmp_path / "segmentation_brain_quick.json").read_text())["rows"]
+    for r in rows:
+        unet = r["method"] in ("diffrep", "control: random-init U-Net")
+        assert r["noise_seeds"] == ([0, 1] if unet else [])
+        assert r["miou"]["n"] == len(r["seeds"]) * (2 if unet else 1)
+        assert (r["miou"]["spread"]["noise_seeds"] is not None) == unet
