@@ -44,7 +44,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -103,6 +103,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# ---------------------------------------------------------------------------------------------- task
+def task_labels(args: argparse.Namespace) -> tuple[str, ...]:
+    """The class names of the task: brain tissue (LABEL_NAMES) unless ``args.label_names`` names others
+    (benchmarks/segmentation_anatomy.py reuses these functions on its anatomy classes)."""
+    return tuple(getattr(args, "label_names", LABEL_NAMES))
+
+
+def task_augmentation(args: argparse.Namespace) -> Callable[[int], Any]:
+    """The supervised U-Net's seeded training augmentation: brain_augmentation unless ``args.augmentation``."""
+    return getattr(args, "augmentation", brain_augmentation)
+
+
 # ------------------------------------------------------------------------------------------- helpers
 def brain_config() -> BackboneConfig:
     """The architecture of the shipped brain-ddpm, read from its recipe (configs/train/brain-ddpm.yaml)."""
@@ -122,13 +134,13 @@ def get_backbone(spec: str) -> Backbone:
 
 def make_head(args: argparse.Namespace, seed: int, grid: bool = False) -> PixelClassifier:
     """The pixel MLP ensemble; the val grid uses a lighter one (fewer members and epochs) to rank configs."""
-    return PixelClassifier(num_classes=NUM_CLASSES, n_members=args.grid_members if grid else args.members,
+    return PixelClassifier(num_classes=len(task_labels(args)), n_members=args.grid_members if grid else args.members,
                            epochs=args.grid_epochs if grid else args.epochs,
                            batch_size=args.batch_size, max_pixels_in_memory=args.max_pixels, seed=seed)
 
 
-def scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
-    m = segmentation_metrics(pred, truth, NUM_CLASSES)
+def scores(pred: np.ndarray, truth: np.ndarray, num_classes: int = NUM_CLASSES) -> dict[str, Any]:
+    m = segmentation_metrics(pred, truth, num_classes)
     m["miou_tissue"] = float(np.nanmean(m["iou"][1:]))
     m.pop("confusion")
     return m
@@ -156,7 +168,8 @@ def pixel_store(backbone: Backbone, nodes: list[str], timesteps: list[int], imag
     drawn with ``noise_seed`` (default ``--seed``, the selection's)."""
     seed = args.seed if noise_seed is None else noise_seed
     return extract_pixel_store(root or args.cache_dir, backbone, nodes, timesteps, torch.from_numpy(images),
-                               torch.from_numpy(labels), noise="shared", seed=seed, num_classes=NUM_CLASSES)
+                               torch.from_numpy(labels), noise="shared", seed=seed,
+                               num_classes=len(task_labels(args)))
 
 
 def trivial_descriptors(images: np.ndarray) -> torch.Tensor:
@@ -167,16 +180,18 @@ def trivial_descriptors(images: np.ndarray) -> torch.Tensor:
     return torch.cat([torch.from_numpy(images), rows, cols], dim=1).contiguous()
 
 
-def train_supervised(data: BrainSlices, test_images: np.ndarray, *, steps: int, batch: int, seed: int) -> np.ndarray:
-    """MONAI BasicUNet (features 16-16-32-64-128-16) trained end to end with augmentation; test label maps."""
+def train_supervised(data: BrainSlices, test_images: np.ndarray, *, steps: int, batch: int, seed: int,
+                     num_classes: int = NUM_CLASSES,
+                     augmentation: Callable[[int], Any] = brain_augmentation) -> np.ndarray:
+    """MONAI BasicUNet (features 16-16-32-64-128-16) trained end to end with ``augmentation(seed)``; test label maps."""
     from monai.losses import DiceCELoss
     from monai.networks.nets import BasicUNet
 
     torch.manual_seed(seed)
-    net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=NUM_CLASSES, features=(16, 16, 32, 64, 128, 16))
+    net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=num_classes, features=(16, 16, 32, 64, 128, 16))
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    transform = brain_augmentation(seed)
+    transform = augmentation(seed)
     rng = np.random.default_rng(seed)
     net.train()
     for _ in range(steps):
@@ -192,7 +207,8 @@ def train_supervised(data: BrainSlices, test_images: np.ndarray, *, steps: int, 
                           for i in range(0, len(test_images), 16)]).numpy()
 
 
-def summarise(method: str, n: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+def summarise(method: str, n: int, runs: list[dict[str, Any]],
+              label_names: Sequence[str] = LABEL_NAMES) -> dict[str, Any]:
     """Mean +- std over every run (label seed x noise seed), the mIoU's spread split into its two parts."""
     noise_seeds = sorted({r["noise_seed"] for r in runs if r.get("noise_seed") is not None})
     return {"method": method, "n_labelled": n, "seeds": sorted({r["seed"] for r in runs}), "noise_seeds": noise_seeds,
@@ -200,8 +216,8 @@ def summarise(method: str, n: int, runs: list[dict[str, Any]]) -> dict[str, Any]
                      "spread": spread_parts({(r["seed"], r.get("noise_seed")): 100 * r["miou"] for r in runs})},
             "miou_tissue": mean_std([100 * r["miou_tissue"] for r in runs]),
             "mdice": mean_std([100 * r["mdice"] for r in runs]),
-            "iou": {name: mean_std([100 * r["iou"][c] for r in runs]) for c, name in enumerate(LABEL_NAMES)},
-            "dice": {name: mean_std([100 * r["dice"][c] for r in runs]) for c, name in enumerate(LABEL_NAMES)},
+            "iou": {name: mean_std([100 * r["iou"][c] for r in runs]) for c, name in enumerate(label_names)},
+            "dice": {name: mean_std([100 * r["dice"][c] for r in runs]) for c, name in enumerate(label_names)},
             "runs": runs}
 
 
@@ -217,7 +233,7 @@ def select_config(name: str, backbone: Backbone, train: BrainSlices, val: BrainS
             tr = pixel_store(backbone, nodes, ts, train.images[idx], train.labels[idx], args)
             va = pixel_store(backbone, nodes, ts, val.images, val.labels, args)
             clf = make_head(args, args.seeds[0], grid=True).fit(tr)
-            m = scores(clf.predict(va), val.labels)
+            m = scores(clf.predict(va), val.labels, len(task_labels(args)))
             grid.append({"nodes": nodes_name, "timesteps": ts, "num_features": tr.num_features,
                          "val_miou": 100 * m["miou"], "val_miou_tissue": 100 * m["miou_tissue"]})
             print(f"  {name}: {nodes_name:12s} t={ts}: val mIoU {100 * m['miou']:.1f}", flush=True)
@@ -314,7 +330,7 @@ def measure_memory(args: argparse.Namespace, chosen: dict[str, Any], train: Brai
 
 # ---------------------------------------------------------------------------------------------- figure
 def overlays(path: Path, images: np.ndarray, truth: np.ndarray, pred: np.ndarray, unc: np.ndarray,
-             slices: np.ndarray, title: str) -> Path:
+             slices: np.ndarray, title: str, num_classes: int = NUM_CLASSES) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -324,8 +340,9 @@ def overlays(path: Path, images: np.ndarray, truth: np.ndarray, pred: np.ndarray
     pick = np.linspace(0, len(images) - 1, rows).round().astype(int)
     fig, axes = plt.subplots(rows, 4, figsize=(8, 2.1 * rows), squeeze=False)
     for r, i in enumerate(pick):
-        panels = [(images[i, 0], "gray", (0, 1), f"image z={slices[i]}"), (truth[i], "viridis", (0, 3), "truth"),
-                  (pred[i], "viridis", (0, 3), "prediction"), (unc[i], "magma", (0, None), "uncertainty")]
+        top = num_classes - 1
+        panels = [(images[i, 0], "gray", (0, 1), f"image z={slices[i]}"), (truth[i], "viridis", (0, top), "truth"),
+                  (pred[i], "viridis", (0, top), "prediction"), (unc[i], "magma", (0, None), "uncertainty")]
         for c, (arr, cmap, (lo, hi), name) in enumerate(panels):
             axes[r, c].imshow(arr, cmap=cmap, vmin=lo, vmax=hi if hi is not None else max(float(unc.max()), 1e-6))
             axes[r, c].set_title(name, fontsize=8)
@@ -375,10 +392,10 @@ def pixel_head_rows(args: argparse.Namespace, nets: dict[str, tuple[str, Backbon
                     clf = make_head(args, s).fit(tr_store.subset([position[i] for i in labelled[s][n]]))
                     pred, unc = clf.predict_with_uncertainty(te_store)
                 runs.append({"seed": s, "noise_seed": ns, "slices": train.slice_index[labelled[s][n]].tolist(),
-                             **scores(pred, test.labels)})
+                             **scores(pred, test.labels, len(task_labels(args)))})
                 if method == "diffrep" and overlay is None and n == min(args.ns, key=lambda k: abs(k - SELECT_N)):
                     overlay = (pred, unc, n, s)
-            rows.append({**summarise(method, n, runs), "nodes": nodes, "timesteps": ts})
+            rows.append({**summarise(method, n, runs, task_labels(args)), "nodes": nodes, "timesteps": ts})
             _print_row(rows[-1])
     return rows, overlay
 
@@ -396,12 +413,14 @@ def baseline_rows(args: argparse.Namespace, train: BrainSlices, test: BrainSlice
                 with watch(method):
                     if method.startswith("supervised"):
                         pred = train_supervised(train.subset(idx), test.images, steps=args.sup_steps,
-                                                batch=args.sup_batch, seed=s)
+                                                batch=args.sup_batch, seed=s, num_classes=len(task_labels(args)),
+                                                augmentation=task_augmentation(args))
                     else:
                         clf = make_head(args, s).fit(trivial_descriptors(train.images[idx]), train.labels[idx])
                         pred = clf.predict(xt)
-                runs.append({"seed": s, "slices": train.slice_index[idx].tolist(), **scores(pred, test.labels)})
-            rows.append(summarise(method, n, runs))
+                runs.append({"seed": s, "slices": train.slice_index[idx].tolist(),
+                             **scores(pred, test.labels, len(task_labels(args)))})
+            rows.append(summarise(method, n, runs, task_labels(args)))
             _print_row(rows[-1])
     return rows
 
