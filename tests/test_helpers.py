@@ -142,7 +142,7 @@ def test_one_brain_augment_adapter():
     assert from_anomaly is brain_augment
     sources = _sources("diffrep")
     assert [n for n, t in sources.items() if t.count("augment_batch(") > t.count("def augment_batch(")] \
-        == ["diffrep/data/augment.py"]
+        == ["diffrep/data/anatomy.py", "diffrep/data/augment.py"]  # anatomy: the task's fixed test deformations
 
 
 # ------------------------------------------------------------------------------------------ digests
@@ -272,4 +272,4 @@ def test_every_benchmark_uses_the_one_random_init_control():
         == ["benchmarks/common.py"]
     users = {n for n, t in sources.items() if "random_init_control(" in t} - {"benchmarks/common.py"}
     assert users == {"benchmarks/anomaly_brain.py", "benchmarks/classification.py", "benchmarks/segmentation_brain.py",
-                     "benchmarks/segmentation_descriptors.py"}
+                     "benchmarks/segmentation_descriptors.py", "benchmarks/segmentation_anatomy.py"}
