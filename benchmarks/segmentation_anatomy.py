@@ -130,7 +130,8 @@ def describe_run(args: argparse.Namespace, backbone: Any, train: BrainSlices, va
             "protocol": __doc__.split("\n\n")[1:4],
             "backbone": {"spec": args.backbone, "identity": backbone_identity(backbone),
                          "provenance": backbone.config.provenance},
-            "data": {"labels": list(anatomy.LABEL_NAMES), "classes": [list(c[:2]) + [list(c[2])] for c in anatomy.CLASSES],
+            "data": {"labels": list(anatomy.LABEL_NAMES),
+                     "classes": [{"name": c, "atlas": a, "regions": list(r)} for c, a, r in anatomy.CLASSES],
                      "atlas_checks": anatomy.anatomy_volume().report,
                      "splits_z_index": {k: [list(r) for r in v] for k, v in anatomy.SPLITS.items()},
                      "deformation": {"val_copies": args.val_copies, "test_copies": args.test_copies,
@@ -158,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     meta = run_metadata(dict(vars(args)), args.seed)
     targs, watch, suffix, out = task_args(args), Stopwatch(), "_quick" if args.quick else "", Path(args.out)
     backbone = seg.get_backbone(args.backbone)
-    nets = {"diffrep": ("diffrep", backbone), "control": ("control: random-init U-Net", random_init_control(backbone, 0))}
+    control = random_init_control(backbone, 0)
+    nets = {"diffrep": ("diffrep", backbone), "control": ("control: random-init U-Net", control)}
     with watch("data"):
         train, val, test, labelled = load_data(args)
 

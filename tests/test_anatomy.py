@@ -81,7 +81,8 @@ def test_resampling_follows_the_affines_of_a_flipped_shifted_atlas():
     assert np.array_equal(got[inside], atlas[tuple(nearest[:, inside])])
     assert not got[outside].any()
     # a left-right flip of the atlas array with the matching affine resamples to the same labels
-    flipped_affine = atlas_affine @ np.array([[-1.0, 0, 0, atlas.shape[0] - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    flip = np.array([[-1.0, 0, 0, atlas.shape[0] - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    flipped_affine = atlas_affine @ flip
     assert np.array_equal(an.resample_labels(atlas[::-1], flipped_affine, shape, target_affine), out)
 
 

@@ -57,8 +57,8 @@ ATLASES: dict[str, tuple[str, str | None]] = {
 #: and of the Harvard-Oxford file beside it). Evidence: under the shipped header every "_R" tract
 #: lies at x < 0 and the corpus callosum is centred 1.6 mm left of the symmetric template's midline;
 #: under the FSL affine the "_R" tracts lie at x > 0, the callosum within 0.6 mm of the midline and
-#: 84% of the tract voxels on white matter instead of 82% (tests pin this). Applied only to a header
-#: equal to the wrong one.
+#: 84% of the tract voxels on white matter instead of 82% (tests pin the first two). Applied only to
+#: a header equal to the wrong one.
 HEADER_FIXES: dict[str, tuple[np.ndarray, np.ndarray]] = {
     "JHU-WhiteMatter-labels-1mm.nii.gz": (
         np.array([[1.0, 0, 0, -91], [0, 1, 0, -126], [0, 0, 1, -72], [0, 0, 0, 1]]),
@@ -83,16 +83,17 @@ LABEL_NAMES: tuple[str, ...] = ("background", "other_brain", *(c[0] for c in CLA
 NUM_CLASSES = len(LABEL_NAMES)
 ORIENTATIONS = {"axial": 2, "coronal": 1}
 
-#: Splits over MNI152 axial indices z (half-open [lo, hi); MNI z mm = index - 72). Only slices through
-#: the structures are used (z -13..+42 mm). val (z -1..+3 mm: pallidum, anterior commissure level)
-#: and test (z +7..+11 mm: thalamus, internal capsule, genu and splenium) lie where all six structures
-#: are cut; train is the rest: below (z -13..-5: lentiform, caudate head, anterior corona radiata)
-#: and above (z +15..+42: top of thalamus, lentiform and internal capsule, caudate body, callosal
-#: body, corona radiata). 3-slice gaps: the nearest slices of two splits are 4 mm apart, more than a
-#: pixel (2.95 mm) of the 64x64 slices. Every class appears in every split (tests pin the pixel
-#: counts); train holds few slices of thalamus (6), lentiform (8) and internal capsule (4), the
-#: price of blocks. Coronal slices were considered and not used: the band where all six classes are
-#: cut is y -20..-4 mm, where the caudate covers under 10 pixels of a 64x64 slice.
+#: Splits over MNI152 axial indices z (half-open [lo, hi); MNI z mm = index - 72). Only slices
+#: through the structures are used (z -13..+42 mm). val (z -1..+3 mm, through the pallidum) and test
+#: (z +7..+11 mm: thalamus, internal capsule, genu and splenium) lie where all six structures are
+#: cut; train is the rest: below (z -13..-5: lentiform, caudate head, anterior corona radiata) and
+#: above (z +15..+42: top of thalamus, lentiform and internal capsule, caudate body, callosal body,
+#: corona radiata). 3-slice gaps: the nearest slices of two splits are 4 mm apart, more than a pixel
+#: (2.95 mm) of the 64x64 slices. Every class appears in every split (tests pin the pixel counts);
+#: train holds few slices of thalamus (6), lentiform (8) and internal capsule (4), the price of
+#: blocks. Coronal slices (``load_anatomy_slices(orientation="coronal")``) were considered and not
+#: split: all six classes are cut only in y -20..-4 mm (17 slices), where the caudate covers 3..18
+#: pixels of a 64x64 slice, too little room for three separated blocks.
 SPLITS: dict[str, tuple[tuple[int, int], ...]] = {
     "train": ((59, 68), (87, 115)),
     "val": ((71, 76),),
