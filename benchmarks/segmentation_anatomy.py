@@ -15,7 +15,12 @@ Rows (benchmarks/segmentation_brain.py's functions, same N, same slices, same te
 augmented with the anatomy deformation during training) and the trivial intensity + coordinates head.
 
 Metrics: IoU per class from the confusion matrix pooled over the test pixels; mIoU over the 8
-classes (headline), over the 7 brain classes and over the 6 structures; mean +- std over seeds.
+classes (headline), over the 7 brain classes and over the 6 structures; mean +- std over label seeds x
+noise seeds for the U-Net rows (the grid selects with the noise of ``--seed``), over label seeds for
+the noise-free baselines.
+
+Settings: ``configs/benchmarks/segmentation_anatomy.yaml`` (``full``; ``quick`` over it with ``--quick``;
+the options given over both).
 
     python benchmarks/segmentation_anatomy.py [--backbone brain-ddpm] [--quick] [--threads 1] [--out DIR]
 """
@@ -31,8 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import segmentation_brain as seg  # noqa: E402
-from common import (RESULTS_DIR, Stopwatch, finish_metadata, mean_std, merge_settings, random_init_control,  # noqa: E402
-                    run_metadata, write_json)
+from common import (RESULTS_DIR, Stopwatch, finish_metadata, load_settings, mean_std, merge_settings,  # noqa: E402
+                    random_init_control, run_metadata, write_json)
 
 from diffrep.data import anatomy  # noqa: E402
 from diffrep.data.brain import BrainSlices  # noqa: E402
@@ -40,20 +45,18 @@ from diffrep.digests import backbone_identity  # noqa: E402
 
 TARGET_POINTS = 3.0  # issue 15: at N = 5 diffrep beats each of the trivial head, the control and the supervised U-Net
 BASELINES = ("trivial: intensity + coordinates", "control: random-init U-Net", "supervised: BasicUNet end to end")
-FULL = {**{k: v for k, v in seg.FULL.items() if not k.startswith("memory")}, "val_copies": 2, "test_copies": 4}
-QUICK = {**{k: v for k, v in seg.QUICK.items() if not k.startswith("memory")}, "val_limit": 2, "test_limit": 3,
-         "val_copies": 1, "test_copies": 1}
-
+FULL, QUICK = load_settings("segmentation_anatomy")  # configs/benchmarks/segmentation_anatomy.yaml
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="brain-ddpm",
                    help="checkpoint directory, shipped default name, or 'random-brain' (untrained, smoke runs)")
-    p.add_argument("--quick", action="store_true", help=f"tiny smoke run: {QUICK}")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny smoke run (the quick section of configs/benchmarks/segmentation_anatomy.yaml)")
     p.add_argument("--out", default=str(RESULTS_DIR))
     p.add_argument("--cache-dir", default=".cache/pixel-stores", help="PixelStore root (reruns resume)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0, help="noise seed of the feature extractor")
+    p.add_argument("--seed", type=int, default=0, help="noise seed of the feature extractor in the selection grid")
     for name, value in FULL.items():
         flag = f"--{name.replace('_', '-')}"
         if isinstance(value, list):

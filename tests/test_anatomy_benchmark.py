@@ -16,6 +16,12 @@ from diffrep.data import anatomy  # noqa: E402
 
 
 def test_settings_follow_the_quick_full_scheme_without_the_memory_comparison():
+    import segmentation_brain
+    from common import load_settings
+
+    assert (bench.FULL, bench.QUICK) == load_settings("segmentation_anatomy")
+    shared = {k: v for k, v in segmentation_brain.FULL.items() if not k.startswith("memory")}
+    assert {k: bench.FULL[k] for k in shared} == shared  # the tissue task's heads, grid and U-Net settings
     assert {k: getattr(bench.parse_args([]), k) for k in bench.FULL} == bench.FULL
     assert {k: getattr(bench.parse_args(["--quick"]), k) for k in bench.FULL} == {**bench.FULL, **bench.QUICK}
     assert bench.FULL["ns"] == [1, 5, 10] and bench.FULL["seeds"] == [0, 1, 2]
@@ -26,7 +32,7 @@ def test_settings_follow_the_quick_full_scheme_without_the_memory_comparison():
 @needs_atlases
 def test_quick_run_reports_every_method_at_every_n(tmp_path):
     argv = ["--quick", "--backbone", "random-brain", "--out", str(tmp_path / "out"), "--cache-dir",
-            str(tmp_path / "cache"), "--ns", "1", "5", "--grid-nodes", "decoder-late", "--grid-timesteps", "t10",
+            str(tmp_path / "cache"), "--ns", "1", "5", "--noise-seeds", "0", "--grid-nodes", "decoder-late", "--grid-timesteps", "t10",
             "--members", "1", "--epochs", "1", "--grid-members", "1", "--grid-epochs", "1", "--max-pixels", "2000",
             "--sup-steps", "2", "--sup-batch", "2", "--val-limit", "1", "--test-limit", "2"]
     payload = bench.main(argv)
@@ -37,6 +43,7 @@ def test_quick_run_reports_every_method_at_every_n(tmp_path):
     assert [(r["method"], r["n_labelled"]) for r in on_disk["rows"]] == [(m, n) for m in methods for n in (1, 5)]
     for row in on_disk["rows"]:
         assert list(row["iou"]) == list(anatomy.LABEL_NAMES) and "miou_tissue" not in row
+        assert row["noise_seeds"] == ([] if row["method"] in methods[2:] else [0])
         for key in ("miou", "miou_brain", "miou_structures"):
             assert 0 <= row[key]["mean"] <= 100 and len(row[key]["values"]) == 1
     data = on_disk["data"]
