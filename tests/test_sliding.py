@@ -177,9 +177,11 @@ def test_auto_window_shrinks_to_fit_and_an_explicit_window_over_budget_names_one
     auto = SlidingWindowExtractor(bb3d, ["mid"], [10], window="auto", sw_batch_size=4, memory_budget=budget).plan(shape)
     assert auto.estimate.total <= budget < big.estimate.total and auto.window < (32, 32, 32)
     assert auto.window == (25 // 2 * 2,) * 3 or auto.sw_batch_size < 4
-    with pytest.raises(MemoryBudgetError, match=r"window 32x32x32 with sw_batch_size 1.*; nothing was run\. "
-                                                r"window=\d+x\d+x\d+ with sw_batch_size=1 fits"):
+    with pytest.raises(MemoryBudgetError, match=r"with window 32x32x32 and sw_batch_size 1, over the budget .*; nothing "
+                                                r"was run\. window=\d+x\d+x\d+ with sw_batch_size=1 fits"):
         SlidingWindowExtractor(bb3d, ["mid"], [10], window=32, memory_budget=budget).plan(shape)
+    with pytest.raises(MemoryBudgetError, match=r"even with the smallest window tried, window 4x4x4 and sw_batch_size 1"):
+        SlidingWindowExtractor(bb3d, ["mid"], [10], memory_budget=2**20).plan(shape)
 
 
 # --------------------------------------------------------------------------------------- memory
@@ -193,6 +195,20 @@ def test_the_meta_forward_peak_is_the_real_forwards_tracked_peak(bb3d):
         real = _tracked_forward(bb3d.unet, modules, stop, shape, torch.device("cpu"), None)
         assert abs(meta - real) <= 0.02 * real, (nodes, meta, real)
     assert forward_peak_bytes(bb3d, shape, ["down.0"]) < forward_peak_bytes(bb3d, shape)  # early exit holds less
+
+
+def test_the_tracker_counts_new_storages_only():
+    from diffrep.features.memory_estimate import _LivePeak
+
+    x = torch.zeros(1000)
+    with torch.inference_mode(), _LivePeak() as tracker:
+        x.add_(1.0), x.view(10, 100), x[:10]  # in place and views: nothing allocated
+        assert tracker.peak == 0
+        y = x * 2  # 4000 bytes, alive
+        del y
+        z = torch.ones(500)  # the first storage freed: 2000 alive, the peak stays
+        assert (tracker.current, tracker.peak) == (2000, 4000)
+        del z
 
 
 def _status_bytes(field):

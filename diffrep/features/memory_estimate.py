@@ -73,17 +73,29 @@ class _LivePeak(torch.utils._python_dispatch.TorchDispatchMode):
         self.peak = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
             self.current -= self.live.pop(key)[1]
-        for value in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(value, torch.Tensor):
-                storage = value.untyped_storage()
-                if storage._cdata not in self.live:
-                    self.live[storage._cdata] = (self._ref(storage), storage.nbytes())
-                    self.current += storage.nbytes()
+        inputs = {t.untyped_storage()._cdata for t in _tensors((args, kwargs))}  # views and in-place ops allocate nothing
+        for value in _tensors(out):
+            storage = value.untyped_storage()
+            if storage._cdata not in self.live and storage._cdata not in inputs:
+                self.live[storage._cdata] = (self._ref(storage), storage.nbytes())
+                self.current += storage.nbytes()
         self.peak = max(self.peak, self.current)
         return out
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors in nested tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in _tensors(item)]
+    return []
 
 
 def forward_peak_bytes(backbone: Any, shape: Sequence[int], nodes: Iterable[str] | None = None,
