@@ -318,3 +318,14 @@ def test_cli_window_spelling():
     assert parse_window("auto") == "auto" and parse_window("32") == 32 and parse_window("16x32x8") == (16, 32, 8)
     with pytest.raises(argparse.ArgumentTypeError, match="expected 'auto', N or DxHxW"):
         parse_window("big")
+
+
+def test_the_benchmark_follows_the_quick_full_scheme():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import volume3d_memory as bench
+
+    assert {k: getattr(bench.parse_args([]), k) for k in bench.FULL} == bench.FULL
+    assert {k: getattr(bench.parse_args(["--quick"]), k) for k in bench.FULL} == {**bench.FULL, **bench.QUICK}
