@@ -90,11 +90,17 @@ def check_window(backbone: Backbone, window: int | Sequence[int], padded: Sequen
     stride (a ValueError naming it otherwise)."""
     dims, m = backbone.spatial_dims, backbone.config.unet.size_multiple
     sizes = (window,) * dims if isinstance(window, int) and not isinstance(window, bool) else tuple(window)
-    bad = len(sizes) != dims or any(isinstance(s, bool) or not isinstance(s, int) or s < m or s % m for s in sizes)
-    if bad:
+    if len(sizes) != dims or not all(_is_multiple(s, m) for s in sizes):
         raise ValueError(f"window: expected {dims} sizes (or one), each a positive multiple of {m}, the total stride "
                          f"of the {backbone.config.unet.levels}-level U-Net (2^(levels-1)), got {window!r}")
     return tuple(min(int(s), int(p)) for s, p in zip(sizes, padded))
+
+
+def _is_multiple(size: Any, m: int) -> bool:
+    try:
+        return check_positive_int(size, "window", minimum=m) % m == 0
+    except ValueError:
+        return False
 
 
 def window_steps(backbone: Backbone, window: Sequence[int], padded: Sequence[int], overlap: float) -> tuple[int, ...]:
