@@ -5,7 +5,8 @@ Slices are made exactly as the brain training data were, by the same code: the N
 percentile inside the brain mask -> [0, 1], one square crop around the brain, images resized
 bilinearly, the mask by majority vote). Each slice's map goes back through
 :func:`diffrep.data.slicing.slices_to_volume`, is zeroed outside the brain mask and reoriented to the
-input's voxel order, so the output has the input's shape, affine and header.
+input's voxel order, so the output has the input's shape, affine and header. A scorer on a 3D
+backbone scores the whole volume at once through sliding windows instead (:func:`score_volume_3d`).
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ def score_volume(scorer: AnomalyScorer, nifti_path: str | os.PathLike, out_path:
                  progress: bool = True, overwrite: bool = False) -> Path:
     """Score every axial slice of a 3D NIfTI with a (fitted) scorer; write the anomaly map as NIfTI.
 
+    A scorer on a 3D backbone scores the whole volume instead (:func:`score_volume_3d`, default windows).
+
     Args:
         scorer: any AnomalyScorer (ReconstructionScorer, DAEScorer, ...), ready to ``score``.
         nifti_path: the input volume (.nii/.nii.gz), 3D (a trailing singleton 4th axis is accepted).
@@ -83,6 +86,8 @@ def score_volume(scorer: AnomalyScorer, nifti_path: str | os.PathLike, out_path:
     (shape or affine), or a map with NaN/Inf values (nothing is written then); FileExistsError for
     an existing output without ``overwrite``.
     """
+    if getattr(getattr(scorer, "backbone", None), "spatial_dims", 2) == 3:  # a 3D U-Net: the whole volume
+        return score_volume_3d(scorer, nifti_path, out_path, mask_path, progress=progress, overwrite=overwrite)
     nifti_path, out_path = Path(nifti_path), Path(out_path)
     mask_path = Path(mask_path) if mask_path is not None else None
     check_volume_paths(nifti_path, out_path, mask_path, overwrite=overwrite)
@@ -131,3 +136,42 @@ def _write_map(out: np.ndarray, img: Any, out_path: Path) -> Path:
     with atomic_path(out_path, suffix=".tmp" + "".join(out_path.suffixes[-2:])) as tmp:  # nibabel reads the suffix
         nib.save(result, tmp)
     return out_path
+
+
+def score_volume_3d(scorer: AnomalyScorer, nifti_path: str | os.PathLike, out_path: str | os.PathLike,
+                    mask_path: str | os.PathLike | None = None, window: Any = "auto", overlap: float = 0.25,
+                    blend: str = "gaussian", sw_batch_size: int = 1, memory_budget: int | float | None = None,
+                    progress: bool = True, overwrite: bool = False) -> Path:
+    """Score a whole 3D NIfTI with a ReconstructionScorer on a 3D backbone, through sliding windows
+    (:func:`diffrep.anomaly.sliding.score_whole_volume`); write the map as NIfTI on the input's grid.
+
+    The volume is read and masked as :func:`score_volume` does (RAS, brain mask given or derived), its
+    intensities normalised as the slices' are (1st..99th percentile inside the mask -> [0, 1], 0
+    outside), and the whole grid goes through the U-Net at its own resolution, window by window
+    (``window``, ``overlap``, ``blend``, ``sw_batch_size``). The peak memory is estimated and checked
+    against ``memory_budget`` (default: the available RAM) before any work: ``window="auto"`` picks a
+    window that fits, an explicit one that does not is a MemoryBudgetError (a ValueError). The map is
+    zeroed outside the mask and written with the input's shape, affine and header.
+    """
+    import sys
+
+    from ..data.brain import normalise_intensities
+    from ..features.memory_estimate import format_bytes
+    from .sliding import score_whole_volume
+
+    nifti_path, out_path = Path(nifti_path), Path(out_path)
+    mask_path = Path(mask_path) if mask_path is not None else None
+    check_volume_paths(nifti_path, out_path, mask_path, overwrite=overwrite)
+    volume, mask = _read_inputs(nifti_path, mask_path)
+    norm, _, _ = normalise_intensities(volume.data, mask, str(nifti_path))
+    result, plan = score_whole_volume(scorer, norm[None], mask, window=window, overlap=overlap, blend=blend,
+                                      sw_batch_size=sw_batch_size, memory_budget=memory_budget, progress=progress)
+    del norm
+    if progress:
+        print(f"scored {nifti_path.name} through {plan.num_windows} windows of {'x'.join(map(str, plan.window))} "
+              f"(estimated peak {format_bytes(plan.estimate.total)}, budget {format_bytes(plan.budget)})", file=sys.stderr)
+    bad = ~np.isfinite(result.maps)
+    if bad.any():
+        raise ValueError(f"{nifti_path}: expected a finite anomaly map, got {int(bad.sum())} NaN/Inf value(s) (check the "
+                         "backbone's weights and the scorer's settings); no map was written")
+    return _write_map(volume.from_ras(result.maps[0] * mask).astype(np.float32), volume.image, out_path)

@@ -29,18 +29,21 @@ def _cmd_anomaly_score(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)  # refusals first: nothing heavy is loaded for a bad device or --out
     check_volume_paths(args.input, args.out, args.mask, overwrite=args.overwrite, option="--out")
     backbone = load_backbone(args.backbone, device=device)
+    _check_dimension_options(args, backbone.spatial_dims)
     if backbone.in_channels != 1:
         raise ValueError(f"--backbone {args.backbone}: expected a 1-channel backbone for NIfTI volumes, got "
                          f"{backbone.in_channels} input channels")
     size = args.size or int(backbone.config.provenance.get("data", {}).get("size", 64))
     multiple = backbone.config.unet.size_multiple
-    if size < 8 or size % multiple:
+    if backbone.spatial_dims == 2 and (size < 8 or size % multiple):
         raise ValueError(f"--size: expected a slice size >= 8 divisible by {multiple} (what the {backbone.config.unet.levels}-"
                          f"level U-Net of {args.backbone} takes), got {size}")
     scorer = ReconstructionScorer(backbone, timestep=args.timestep, noise_type=args.noise_type, noise=args.noise,
                                   reverse=args.reverse, ddim_steps=args.steps, residual=args.residual,
                                   erode=args.erode, median=args.median, seed=args.seed, batch_size=args.batch_size)
     calls = scorer.unet_calls_per_image
+    if backbone.spatial_dims == 3:  # the whole volume through sliding windows
+        return _score_volume_3d(args, scorer, calls)
     out = score_volume(scorer, args.input, args.out, mask_path=args.mask, size=size, batch_size=args.batch_size,
                        progress=not args.quiet, overwrite=args.overwrite)
     print(f"wrote anomaly map to {out} (reverse={args.reverse}, timestep L={args.timestep}, "
@@ -79,8 +82,51 @@ def add_anomaly_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--median", type=int, default=0, help="median filter size (0 = none)")
     p.add_argument("--size", type=int, default=None, help="slice size (default: the backbone's training size, else 64)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--window", type=parse_window, default=None, help="3D backbones: sliding window, 'auto' (default: the largest that fits "
+                   "the memory budget), N or DxHxW, multiples of the U-Net's total stride")
+    p.add_argument("--overlap", type=float, default=None, help="3D backbones: window overlap in [0, 1) (default 0.25)")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="GB", help="3D backbones: memory the run "
+                   "may use, checked before any work (default: the available RAM)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps; refused if absent on this machine")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_anomaly_score)
     return anomaly
+
+
+_OPTIONS_3D = ("window", "overlap", "memory_budget")
+
+
+def _check_dimension_options(args: argparse.Namespace, spatial_dims: int) -> None:
+    """--size is for 2D backbones (slices), --window/--overlap/--memory-budget for 3D ones (whole volumes)."""
+    if spatial_dims == 3 and args.size is not None:
+        raise ValueError(f"--size: {args.backbone} is a 3D backbone, which scores the whole volume (no slices); "
+                         "use --window to set the sliding window")
+    given = [f"--{name.replace('_', '-')}" for name in _OPTIONS_3D if getattr(args, name) is not None]
+    if spatial_dims == 2 and given:
+        raise ValueError(f"{', '.join(given)}: only for 3D backbones; {args.backbone} is 2D and scores slices (--size)")
+    if args.memory_budget is not None and not args.memory_budget > 0:
+        raise ValueError(f"--memory-budget: expected a positive number of GB, got {args.memory_budget}")
+
+
+def parse_window(text: str) -> Any:
+    """--window: 'auto' -> 'auto'; 'N' -> N; 'DxHxW' -> (D, H, W) (sizes are checked against the U-Net later)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        sizes = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto', N or DxHxW, got {text!r}") from None
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
+def _score_volume_3d(args: argparse.Namespace, scorer: Any, calls: int) -> int:
+    from ..anomaly.volume import score_volume_3d
+
+    budget = None if args.memory_budget is None else args.memory_budget * 2**30
+    out = score_volume_3d(scorer, args.input, args.out, mask_path=args.mask, window=args.window or "auto",
+                          overlap=0.25 if args.overlap is None else args.overlap, memory_budget=budget,
+                          progress=not args.quiet, overwrite=args.overwrite)
+    print(f"wrote anomaly map to {out} (3D backbone: the whole volume through sliding windows, reverse={args.reverse}, "
+          f"{calls} U-Net call(s) per window)")
+    return 0
