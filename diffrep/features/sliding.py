@@ -256,7 +256,7 @@ class SlidingWindowExtractor:
     def __init__(self, backbone: Backbone, nodes: Iterable[str], timesteps: Iterable[int] | int,
                  window: int | Sequence[int] | str = "auto", overlap: float = 0.25, blend: str = "gaussian",
                  sigma_scale: float = 0.125, sw_batch_size: int = 1, noise: Any = "shared", seed: int = 0,
-                 early_exit: bool = True, dtype: Any = torch.float32, memory_budget: int | float | None = None,
+                 early_exit: bool = True, dtype: str | torch.dtype = torch.float32, memory_budget: int | float | None = None,
                  progress: bool = False) -> None:
         self.extractor = FeatureExtractor(backbone, nodes, timesteps, noise=noise, seed=seed, batch_size=1,
                                           batch_timesteps=False, early_exit=early_exit, dtype=dtype)
