@@ -4,17 +4,24 @@ Every scorer follows :class:`AnomalyScorer`: ``fit(healthy_images, masks=None) -
 ``score(images, masks=None) -> AnomalyResult`` (maps (N, *spatial), scores (N,); higher = more
 anomalous) and ``unet_calls_per_image`` (network evaluations per slice). ``score_volume`` applies a
 scorer to a whole NIfTI volume. Metrics live in ``diffrep.anomaly.metrics``.
+
+Image-level out-of-distribution scores share the interface (their maps hold the image's score at every
+pixel): ``LikelihoodScorer`` (NLL in bits/dim by the variational bound or the probability-flow ODE, raw
+or complexity-corrected) and ``TypicalityScorer`` (the two-sided typicality test over batches).
 """
 from .base import AnomalyScorer
 from .calibration import CalibratedScorer
 from .dae import DAEScorer, brain_augment
 from .ensemble import MultiLevelScorer
 from .feature_distance import FeatureDistanceScorer
+from .likelihood_scores import LikelihoodScorer
 from .postprocess import check_masks, erode_masks, image_scores, median_filter_maps, postprocess_maps
 from .reconstruction import ReconstructionScorer
+from .typicality import TypicalityScorer
 from .volume import score_volume
 
 __all__ = [
+    "LikelihoodScorer", "TypicalityScorer",
     "AnomalyScorer", "CalibratedScorer", "DAEScorer", "FeatureDistanceScorer", "MultiLevelScorer", "ReconstructionScorer",
     "brain_augment", "check_masks", "erode_masks", "image_scores", "median_filter_maps", "postprocess_maps",
     "score_volume",
