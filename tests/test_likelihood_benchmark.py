@@ -69,7 +69,7 @@ def test_quick_benchmark_writes_every_section(tmp_path, monkeypatch):
     out = tmp_path / "likelihood.json"
     payload = bench.main(["--quick", "--backbone", _tiny(tmp_path / "f", 0), "--brain-backbone", _tiny(tmp_path / "b", 1),
                           "--reconstruction-timestep", "10", "--out", str(out), "--quiet"])
-    on_disk = json.loads(out.read_text())
+    on_disk = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
     for key in ("command", "config", "seed", "versions", "bits_per_dim", "ood", "targets", "wall_seconds"):
         assert key in on_disk, key
     bpd = on_disk["bits_per_dim"]

@@ -164,6 +164,7 @@ class LikelihoodScorer(AnomalyScorer):
     # ----------------------------------------------------------------- helpers
     def _table(self, x: torch.Tensor) -> dict[str, np.ndarray]:
         """Every column for one validated batch in the data range."""
+        x = x.detach().cpu()
         bb, n, dims = self.backbone, x.shape[0], x[0].numel()
         norm = bb.config.normalisation
         codes = to_uint8(x.numpy(), norm.low, norm.high)
