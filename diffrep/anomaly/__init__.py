@@ -4,10 +4,6 @@ Every scorer follows :class:`AnomalyScorer`: ``fit(healthy_images, masks=None) -
 ``score(images, masks=None) -> AnomalyResult`` (maps (N, *spatial), scores (N,); higher = more
 anomalous) and ``unet_calls_per_image`` (network evaluations per slice). ``score_volume`` applies a
 scorer to a whole NIfTI volume. Metrics live in ``diffrep.anomaly.metrics``.
-
-Image-level out-of-distribution scores share the interface (their maps hold the image's score at every
-pixel): ``LikelihoodScorer`` (NLL in bits/dim by the variational bound or the probability-flow ODE, raw
-or complexity-corrected) and ``TypicalityScorer`` (the two-sided typicality test over batches).
 """
 from .base import AnomalyScorer
 from .calibration import CalibratedScorer
