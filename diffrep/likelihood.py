@@ -18,7 +18,7 @@ with the 8-bit dequantisation offset when the data were integers.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -26,6 +26,18 @@ import torch
 from .diffusion import DDPMSchedule
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# One generator for the whole batch, or one per image (row i draws from generator i only, so that an
+# image's noise and probes do not depend on the batch it came in).
+Generators = Union[torch.Generator, Sequence[torch.Generator]]
+
+
+def _randn(shape: tuple[int, ...], generator: Generators, dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal draws of ``shape`` (N, ...): from one generator, or row i from ``generator[i]``."""
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, dtype=dtype)
+    if len(generator) != shape[0]:
+        raise ValueError(f"generator: expected one generator or one per image ({shape[0]}), got {len(generator)}")
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=dtype) for g in generator])
 
 
 def _gaussian_kl(mean_q: torch.Tensor, mean_p: torch.Tensor, var_q: float, var_p: float) -> torch.Tensor:
@@ -44,11 +56,12 @@ def _discretised_gaussian_nll(x0: torch.Tensor, mean: torch.Tensor, std: float) 
 
 
 @torch.no_grad()
-def vlb_nll(eps_fn: EpsFn, schedule: DDPMSchedule, x0: torch.Tensor, generator: torch.Generator,
+def vlb_nll(eps_fn: EpsFn, schedule: DDPMSchedule, x0: torch.Tensor, generator: Generators,
             decoder: str = "gaussian", batch_timesteps: int = 50) -> dict[str, torch.Tensor]:
     """The variational bound on -log p(x0) per image (nats), with its parts: ``prior``, ``steps`` (the
     sum of the reverse-step KL terms) and ``decoder``. ``decoder``: "gaussian" (continuous data) or
-    "discretised" (8-bit data). One seeded noise draw per timestep and image."""
+    "discretised" (8-bit data). One seeded noise draw per timestep and image (``generator``: one, or one per
+    image)."""
     if decoder not in ("gaussian", "discretised"):
         raise ValueError(f"decoder: expected 'gaussian' or 'discretised', got {decoder!r}")
     n, T = x0.shape[0], schedule.num_timesteps
@@ -58,7 +71,7 @@ def vlb_nll(eps_fn: EpsFn, schedule: DDPMSchedule, x0: torch.Tensor, generator: 
     decoder_nll = torch.zeros(n, dtype=x0.dtype)
     for start in range(0, T, batch_timesteps):
         for t in range(start, min(start + batch_timesteps, T)):
-            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+            noise = _randn(tuple(x0.shape), generator, x0.dtype)
             ts = torch.full((n,), t, dtype=torch.long)
             x_t = schedule.add_noise(x0, noise, ts)
             x0_hat = schedule.predict_x0(x_t, eps_fn(x_t, ts).to(x0.dtype), ts)
@@ -82,12 +95,13 @@ def vp_sde(schedule_config) -> tuple[float, float, int]:
     return T * schedule_config.beta_start, T * schedule_config.beta_end, T
 
 
-def ode_nll(eps_fn: EpsFn, sde: tuple[float, float, int], x0: torch.Tensor, *, generator: torch.Generator,
+def ode_nll(eps_fn: EpsFn, sde: tuple[float, float, int], x0: torch.Tensor, *, generator: Generators,
             rtol: float = 1e-5, atol: float = 1e-5, eps: float = 1e-5, probes: int = 1,
             trace: str = "hutchinson") -> dict[str, torch.Tensor]:
     """-log p(x0) per image (nats) from the probability-flow ODE of a VP-SDE, with the number of network
     evaluations. ``trace``: "hutchinson" (``probes`` Gaussian probe vectors, fixed for the whole solve)
-    or "exact" (one vector-Jacobian product per dimension: small images only)."""
+    or "exact" (one vector-Jacobian product per dimension: small images only). ``generator``: one, or one
+    per image (image i's probes then come from ``generator[i]`` alone)."""
     from scipy.integrate import solve_ivp
 
     if trace not in ("hutchinson", "exact"):
@@ -95,8 +109,11 @@ def ode_nll(eps_fn: EpsFn, sde: tuple[float, float, int], x0: torch.Tensor, *, g
     beta_min, beta_max, T = sde
     shape, n = x0.shape, x0.shape[0]
     d = x0[0].numel()
-    probe_vectors = (torch.randn((probes, *shape), generator=generator, dtype=torch.float64) if trace == "hutchinson"
-                     else None)
+    probe_vectors = None
+    if trace == "hutchinson" and isinstance(generator, torch.Generator):
+        probe_vectors = torch.randn((probes, *shape), generator=generator, dtype=torch.float64)
+    elif trace == "hutchinson":  # per image: (n, probes, ...) -> (probes, n, ...)
+        probe_vectors = _randn((n, probes, *shape[1:]), generator, torch.float64).transpose(0, 1)
     calls = {"n": 0}
 
     def drift(x: torch.Tensor, t: float) -> torch.Tensor:

@@ -48,6 +48,7 @@ CLASSES = {
     "ReconstructionScorer": "diffrep.anomaly.reconstruction", "MultiLevelScorer": "diffrep.anomaly.ensemble",
     "FeatureDistanceScorer": "diffrep.anomaly.feature_distance", "CalibratedScorer": "diffrep.anomaly.calibration",
     "DAEScorer": "diffrep.anomaly.dae",
+    "LikelihoodScorer": "diffrep.anomaly.likelihood_scores", "TypicalityScorer": "diffrep.anomaly.typicality",
 }
 
 

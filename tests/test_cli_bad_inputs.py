@@ -574,7 +574,57 @@ CASES_PROBE: list[Case] = [
          r"--val-fraction: expected a number in \(0, 1\), got 1\.5"),
 ]
 
-CASES = CASES_NODES + CASES_EXTRACT + CASES_TRAIN + CASES_IMPORT + CASES_ANOMALY + CASES_SEGMENT + CASES_PROBE
+# ------------------------------------------------------------------------------------- likelihood
+def _likelihood(tmp: Path, ckpt: Path | str, *extra: str, input: str | None = None) -> list[str]:
+    """argv of a valid likelihood call on two 16x16 images in [0, 1], with ``extra`` options overriding."""
+    input = input or _npy(tmp, np.full((2, 16, 16), 0.5, np.float32))
+    options = {"--method": "vlb", "--out": str(tmp / "s.csv")}
+    options.update(dict(zip(extra[::2], extra[1::2])))
+    return ["likelihood", str(ckpt), input, "--quiet"] + [item for pair in options.items() for item in pair]
+
+
+def _existing_csv(tmp: Path) -> str:
+    (tmp / "s.csv").write_text("image,index\nold,0\n")
+    return str(tmp / "s.csv")
+
+
+CASES_LIKELIHOOD = [
+    Case("likelihood-unknown-method", lambda tmp, ckpt: _likelihood(tmp, ckpt, "--method", "flow"),
+         r"--method: expected one of \['vlb', 'ode'\], got 'flow'"),
+    Case("likelihood-negative-tolerance", lambda tmp, ckpt: _likelihood(tmp, ckpt, "--method", "ode") + ["--rtol=-1e-5"],
+         r"--rtol: expected a finite number > 0, got -1e-05"),
+    Case("likelihood-hutchinson-0", lambda tmp, ckpt: _likelihood(tmp, ckpt, "--method", "ode", "--hutchinson", "0"),
+         r"--hutchinson: expected an integer >= 1, got 0"),
+    Case("likelihood-out-exists-without-overwrite", lambda tmp, ckpt: _likelihood(tmp, ckpt, "--out", _existing_csv(tmp)),
+         r"--out .*s\.csv: expected a new file, but it already exists; replace it with --overwrite"),
+    Case("likelihood-out-is-the-input", lambda tmp, ckpt: _likelihood(
+        tmp, ckpt, "--out", _existing_csv(tmp), "--overwrite", input=str(tmp / "s.csv")),
+         r"--out .*s\.csv: expected a new output file, got the input .*s\.csv itself"),
+    Case("likelihood-out-not-csv", lambda tmp, ckpt: _likelihood(tmp, ckpt, "--out", str(tmp / "s.npy")),
+         r"--out: expected a \.csv file name, got 's\.npy'"),
+    Case("likelihood-missing-input", lambda tmp, ckpt: _likelihood(tmp, ckpt, input=str(tmp / "missing.npy")),
+         r"missing\.npy does not exist; expected a \.npy file, a folder of images or a NIfTI volume"),
+    Case("likelihood-images-of-another-size", lambda tmp, ckpt: _likelihood(
+        tmp, _broken_ckpt(tmp, ckpt, _trained_on_16), input=_npy(tmp, np.zeros((2, 32, 32), np.float32))),
+         r"x\.npy: expected images of the size the backbone was trained on \(16, 16\), got \(32, 32\)"),
+    Case("likelihood-three-channel-npy", lambda tmp, ckpt: _likelihood(
+        tmp, ckpt, input=_npy(tmp, np.zeros((2, 3, 16, 16), np.float32))),
+         r"x\.npy: expected 1 channel\(s\) in dim 1, got 3"),
+    Case("likelihood-rgb-into-grey-model", lambda tmp, ckpt: _likelihood(tmp, ckpt, input=_folder(
+        tmp, {"colour.png": np.stack([np.arange(256, dtype=np.uint8).reshape(16, 16)] * 2
+                                     + [np.zeros((16, 16), np.uint8)], axis=-1)})),
+         r"colour\.png is RGB but the backbone takes 1 channel"),
+    Case("likelihood-nifti-without-a-slice-size", lambda tmp, ckpt: _likelihood(tmp, ckpt, input=_nifti(tmp)),
+         r"scan\.nii\.gz: slicing a NIfTI needs a slice size; the backbone records no training size, expected --size"),
+    Case("likelihood-nifti-into-two-channel-model", lambda tmp, ckpt: _likelihood(
+        tmp, _two_channel_checkpoint(tmp), "--size", "16", input=_nifti(tmp)),
+         r"scan\.nii\.gz: NIfTI slices are 1-channel 2D images; expected a 1-channel 2D backbone, got 2 channel"),
+    Case("likelihood-device-garbled", lambda tmp, ckpt: _likelihood(tmp, ckpt, "--device", "gpu0"),
+         r"device: expected 'cpu', 'cuda', 'cuda:N' or 'mps', got 'gpu0'"),
+]
+
+CASES = (CASES_NODES + CASES_EXTRACT + CASES_TRAIN + CASES_IMPORT + CASES_ANOMALY + CASES_SEGMENT + CASES_PROBE
+         + CASES_LIKELIHOOD)
 
 
 def _snapshot(root: Path) -> dict[str, str]:

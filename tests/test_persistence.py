@@ -9,8 +9,8 @@ import pytest
 import torch
 from sklearn.exceptions import NotFittedError
 
-from diffrep.anomaly import (AnomalyScorer, CalibratedScorer, DAEScorer, FeatureDistanceScorer, MultiLevelScorer,
-                             ReconstructionScorer)
+from diffrep.anomaly import (AnomalyScorer, CalibratedScorer, DAEScorer, FeatureDistanceScorer, LikelihoodScorer,
+                             MultiLevelScorer, ReconstructionScorer, TypicalityScorer)
 from diffrep.backbones.backbone import Backbone
 from diffrep.heads import LinearProbe, PixelClassifier
 from diffrep.persistence import CONFIG_NAME, STATE_NAME, load_fitted, save_fitted
@@ -92,12 +92,24 @@ def _calibrated_dae(_bb, x, m):
     return CalibratedScorer(DAEScorer(**DAE_ARCH, steps=2, train_batch_size=2), bins=2).fit(x, m), _scorer_outputs(x, m)
 
 
+def _likelihood(bb, x, m):
+    small, masks = x[:2, :, :8, :8], m[:2, :8, :8]  # an ODE solve per call: keep it small and loose
+    scorer = LikelihoodScorer(bb, method="ode", correction="png", rtol=0.5, atol=0.5).fit(small, masks)
+    return scorer, _scorer_outputs(small, masks)
+
+
+def _typicality(bb, x, m):
+    small, masks = x[:, :, :8, :8], m[:, :8, :8]
+    inner = LikelihoodScorer(bb, method="ode", rtol=0.5, atol=0.5, seed=1, batch_size=2)
+    return TypicalityScorer(inner, group_size=2, bootstraps=50).fit(small, masks), _scorer_outputs(small[:2], masks[:2])
+
+
 CASES = {"linear-probe": _probe, "pixel-classifier": _pixel, "reconstruction": _reconstruction,
          "multi-level": _multilevel, "multi-level-of-scorers": _multilevel_of_scorers, "feature-distance-knn": _knn,
          "feature-distance-gaussian": _gaussian, "calibrated": _calibrated, "dae": _dae,
-         "calibrated-dae": _calibrated_dae}
+         "calibrated-dae": _calibrated_dae, "likelihood": _likelihood, "typicality": _typicality}
 NEEDS_BACKBONE = {"reconstruction", "multi-level", "multi-level-of-scorers", "feature-distance-knn",
-                  "feature-distance-gaussian", "calibrated"}
+                  "feature-distance-gaussian", "calibrated", "likelihood", "typicality"}
 
 
 def _plain_params(obj) -> dict:

@@ -16,11 +16,14 @@ from .calibration import CalibratedScorer
 from .dae import DAEScorer, brain_augment
 from .ensemble import MultiLevelScorer
 from .feature_distance import FeatureDistanceScorer
+from .likelihood_scores import LikelihoodScorer
 from .postprocess import check_masks, erode_masks, image_scores, median_filter_maps, postprocess_maps
 from .reconstruction import ReconstructionScorer
+from .typicality import TypicalityScorer
 from .volume import score_volume
 
 __all__ = [
+    "LikelihoodScorer", "TypicalityScorer",
     "AnomalyScorer", "CalibratedScorer", "DAEScorer", "FeatureDistanceScorer", "MultiLevelScorer", "ReconstructionScorer",
     "brain_augment", "check_masks", "erode_masks", "image_scores", "median_filter_maps", "postprocess_maps",
     "score_volume",

@@ -19,6 +19,7 @@ from typing import Sequence
 from .anomaly import add_anomaly_cli
 from .backbone import add_extract_cli, add_import_monai_cli, add_nodes_cli, add_zoo_cli
 from .demo import add_demo_cli
+from .likelihood import add_likelihood_cli
 from .probe import add_probe_cli
 from .segment import add_segment_cli
 from .train import add_train_cli
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_probe_cli(sub)
     add_segment_cli(sub)
     add_zoo_cli(sub)
+    add_likelihood_cli(sub)
     return parser
 
 
