@@ -53,7 +53,8 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ood_sets  # noqa: E402
-from common import RESULTS_DIR, Stopwatch, finish_metadata, merge_settings, run_metadata, write_json  # noqa: E402
+from common import (RESULTS_DIR, Stopwatch, finish_metadata, load_settings, merge_settings, run_metadata,  # noqa: E402
+                    write_json)
 
 from diffrep import load_backbone  # noqa: E402
 from diffrep.anomaly import LikelihoodScorer, ReconstructionScorer, TypicalityScorer  # noqa: E402
@@ -66,13 +67,7 @@ FMNIST_SETS = ("digits", "patches", "brain", "noise", "constant")
 BRAIN_SETS = ("fashion", "digits", "patches", "noise", "constant")
 FIT_START = 5000  # Fashion-MNIST test images from here on are the held-out fit set
 BRAIN_SIZE = 64  # brain-ddpm's training size
-FULL = {"test_images": 300, "fit_images": 100, "ood_images": 100, "brain_images": None, "brain_ood_images": 50,
-        "variance_images": 20, "variance_repeats": 5, "hutchinson": 1, "rtol": 1e-5, "atol": 1e-5,
-        "batch_size": 50, "ood_method": "vlb", "reconstruction_timestep": 250, "group_sizes": [5, 10, 25],
-        "group_draws": 500, "bootstraps": 2000, "alpha": 0.01}
-QUICK = {"test_images": 4, "fit_images": 4, "ood_images": 2, "brain_images": 4, "brain_ood_images": 2,
-         "variance_images": 2, "variance_repeats": 2, "rtol": 1e-3, "atol": 1e-3, "group_sizes": [2],
-         "group_draws": 20, "bootstraps": 100}
+FULL, QUICK = load_settings("likelihood")  # configs/benchmarks/likelihood.yaml
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -33,6 +33,15 @@ BEFORE = {
          "grid_members": 3, "grid_epochs": 2, "grid_nodes": ["decoder5", "encoder4"],
          "grid_timesteps": ["t50-150-250", "t10"], "sup_steps": 20, "sup_batch": 4, "val_limit": 4, "test_limit": 6,
          "memory_augment": 0, "memory_limit": 16}),
+    "likelihood": (
+        {"test_images": 300, "fit_images": 100, "ood_images": 100, "brain_images": None, "brain_ood_images": 50,
+         "variance_images": 20, "variance_repeats": 5, "hutchinson": 1, "rtol": 1e-5, "atol": 1e-5,
+         "batch_size": 50, "ood_method": "vlb", "reconstruction_timestep": 250, "group_sizes": [5, 10, 25],
+         "group_draws": 500, "bootstraps": 2000, "alpha": 0.01},
+        {"test_images": 4, "fit_images": 4, "ood_images": 2, "brain_images": 4, "brain_ood_images": 2,
+         "variance_images": 2, "variance_repeats": 2, "rtol": 1e-3, "atol": 1e-3, "group_sizes": [2],
+         "group_draws": 20, "bootstraps": 100, "hutchinson": 1, "batch_size": 50, "ood_method": "vlb",
+         "reconstruction_timestep": 250, "alpha": 0.01}),
     "anomaly_brain": (
         {"slices": None, "copies": 4, "test_copies": 2, "seeds": [0, 1, 2], "noise_seeds": [0, 1, 2],
          "anoddpm_level": 249, "x0_levels": [100, 250, 500, 750], "ddim_steps": [2, 5, 10],
