@@ -204,7 +204,7 @@ def _baseline(settings: dict[str, Any], base: dict[str, Any], work: Path, backbo
     import torch
 
     from diffrep.features.memory_estimate import forward_peak_bytes
-    from diffrep.features.sliding import padded_size
+    from diffrep.features.windows import padded_size
 
     padded = padded_size(backbone, base["shape"])
     whole_scan = forward_peak_bytes(backbone, (1, 1, *padded), settings["nodes"])

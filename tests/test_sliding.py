@@ -25,7 +25,8 @@ from diffrep.features import FeatureExtractor
 from diffrep.features import sliding as sliding_module
 from diffrep.features.hooks import StopForward, capture_nodes
 from diffrep.features.memory_estimate import RUNTIME_ALLOWANCE, MemoryBudgetError, _tracked_forward, forward_peak_bytes
-from diffrep.features.sliding import SlidingWindowExtractor, window_starts
+from diffrep.features.sliding import SlidingWindowExtractor
+from diffrep.features.windows import window_starts
 from tests.conftest import make_backbone
 
 NODES = ["up.1", "mid", "down.0", "down.1"]  # strides 1, 2, 1, 2; not in forward order

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from .._types import AnomalyResult
-from ..features.sliding import SlidingWindowBackbone, WindowPlan, check_volumes, pad_volume, plan_windows
+from ..features.sliding import SlidingWindowBackbone, check_volumes, pad_volume
+from ..features.windows import WindowPlan, plan_windows
 from .postprocess import check_masks, image_scores, postprocess_maps
 from .reconstruction import ReconstructionScorer
 
