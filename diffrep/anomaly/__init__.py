@@ -6,7 +6,9 @@ anomalous) and ``unet_calls_per_image`` (network evaluations per slice). ``score
 scorer to a whole NIfTI volume. Metrics live in ``diffrep.anomaly.metrics``.
 
 Lives here: the reconstruction (partial diffusion), multi-level, feature-distance and calibrated scorers,
-the DAE baseline, post-processing, metrics and NIfTI volume scoring. A scorer's ``timestep`` is the L it
+the DAE baseline, post-processing, metrics, NIfTI volume scoring (slice by slice; whole 3D volumes by
+sliding windows in ``sliding``), and image-level out-of-distribution scores from the likelihood
+(``LikelihoodScorer``: NLL or NLL minus the PNG length; ``TypicalityScorer``). A scorer's ``timestep`` is the L it
 noises to, ``noise_type`` its noise distribution and ``noise`` its noise policy (``diffrep.features``'
 vocabulary). May import backbones, features, data, persistence and the shared helpers (diffusion, noise,
 errors...); imported by the CLI, the benchmarks and users, never by backbones, features or heads.
