@@ -3,7 +3,7 @@
 Writes benchmarks/results/extraction_scale.json (``"complete": false`` and rewritten after every stage until
 all have run). Every measured run is a fresh child process with one torch thread (OMP_NUM_THREADS=1,
 MKL_NUM_THREADS=1; ``diffrep extract`` has no --threads option) and its peak RSS from ``os.wait4``
-(``ru_maxrss`` of the child and the children it waited for):
+(the largest VmHWM of the child and its descendants, sampled every 50 ms; see ``run_child``):
 
 1. torchrun: ``diffrep extract`` on the first ``torchrun_size`` images with 1 process, then with
    ``torch.distributed.run --nproc_per_node=2`` (gloo, 1 thread each): sha256 of both files (max abs
@@ -45,6 +45,7 @@ from common import RESULTS_DIR, finish_metadata, load_settings, merge_settings, 
 
 REPO = Path(__file__).resolve().parents[1]
 RSS_TARGET = 1.15
+STAGES = ("torchrun", "full", "kill", "pooled")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,10 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kill-size", type=int, default=None)
     parser.add_argument("--torchrun-size", type=int, default=None)
     parser.add_argument("--lanes", type=int, choices=(1, 2), default=None)
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="the extraction noise seed (diffrep extract --seed)")
     parser.add_argument("--workdir", default=None, help="inputs and outputs (default: a temporary folder, removed)")
     parser.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/extraction_scale[_quick].json)")
     parser.add_argument("--pooled-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--prepare-child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -70,14 +73,49 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def _status_kb(pid: int, field: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (from /proc/PID/task/TID/children)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                pass
+    return found
+
+
 def run_child(cmd: list[str], log: Path, kill_when: Callable[[], bool] | None = None) -> dict[str, Any]:
-    """Run ``cmd`` (stdout and stderr to ``log``); wall time, exit status and peak RSS (os.wait4). With
-    ``kill_when``, SIGKILL the child as soon as it returns True (polled every 50 ms)."""
+    """Run ``cmd`` (stdout and stderr to ``log``); wall time, exit status and peak RSS. With ``kill_when``,
+    SIGKILL the child as soon as it returns True (polled every 50 ms).
+
+    Peak RSS is the largest VmHWM (/proc/PID/status, the high-water RSS of the process's own memory since its
+    exec) over the child and its descendants, sampled every 50 ms (``peak_rss_sum_mb``: their sum, for
+    torchrun). ``ru_maxrss`` from os.wait4 is kept as ``ru_maxrss_mb`` but is not the measure: Linux starts a
+    child's ru_maxrss at its parent's high-water mark (fork/exec), so it never reads below this process's peak.
+    """
     start = time.perf_counter()
+    hwm: dict[int, int] = {}
     with open(log, "wb") as handle:
         proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=child_env(), cwd=str(log.parent))
         killed = False
         while True:
+            for pid in _tree(proc.pid):
+                value = _status_kb(pid, "VmHWM")
+                if value:
+                    hwm[pid] = max(hwm.get(pid, 0), value)
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
@@ -86,9 +124,11 @@ def run_child(cmd: list[str], log: Path, kill_when: Callable[[], bool] | None = 
                 killed = True
             time.sleep(0.05)
     proc.returncode = os.waitstatus_to_exitcode(status)
+    peak = max(hwm.values(), default=0)
     return {"wall_s": round(time.perf_counter() - start, 2), "returncode": proc.returncode, "killed": killed,
-            "peak_rss_bytes": int(usage.ru_maxrss) * 1024, "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-            "command": " ".join(cmd), "log": log.name}
+            "peak_rss_bytes": peak * 1024, "peak_rss_mb": round(peak / 1024, 1),
+            "peak_rss_sum_mb": round(sum(hwm.values()) / 1024, 1), "processes_sampled": len(hwm),
+            "ru_maxrss_mb": round(usage.ru_maxrss / 1024, 1), "command": " ".join(cmd), "log": log.name}
 
 
 def extract_cmd(s: dict[str, Any], npy: Path, out: Path, seed: int) -> list[str]:
@@ -158,10 +198,10 @@ def pooled_child(spec_json: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- stages
 class Bench:
-    def __init__(self, s: dict[str, Any], args: argparse.Namespace, work: Path, out: Path) -> None:
+    def __init__(self, s: dict[str, Any], args: argparse.Namespace, work: Path, out: Path, meta: bool = True) -> None:
         self.s, self.args, self.work, self.out = s, args, work, out
         self.lock = threading.Lock()
-        self.meta = run_metadata(s, args.seed)
+        self.meta = run_metadata(s, args.seed) if meta else {}
         self.result: dict[str, Any] = {"torchrun": None, "full_maps": {}, "kill_resume": None, "pooled": {}}
         self.errors: list[str] = []
 
@@ -169,6 +209,17 @@ class Bench:
         return self.work / f"x{n}.npy"
 
     def prepare_inputs(self) -> dict[str, Any]:
+        """Write X_N.npy in a child process (this process stays small: its children start from its RSS)."""
+        log = self.work / "prepare.log"
+        run = run_child([sys.executable, str(Path(__file__).resolve()), "--prepare-child",
+                         json.dumps({"backbone": self.s["backbone"], "sizes": sorted({*self.s["sizes"], self.s["kill_size"],
+                                     self.s["torchrun_size"]}), "work": str(self.work)})], log)
+        found = re.findall(r"^PREPARED (.*)$", log.read_text(errors="replace"), flags=re.M)
+        if run["returncode"] != 0 or not found:
+            raise RuntimeError(f"preparing the inputs failed (exit code {run['returncode']}): {log.read_text()[-2000:]}")
+        return json.loads(found[-1])
+
+    def prepare_inputs_here(self) -> dict[str, Any]:
         import numpy as np
 
         from diffrep.backbones import load_backbone
@@ -347,6 +398,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.pooled_child is not None:
         pooled_child(args.pooled_child)
         return 0
+    if args.prepare_child is not None:
+        spec = json.loads(args.prepare_child)
+        bench = Bench({"backbone": spec["backbone"], "sizes": spec["sizes"], "kill_size": spec["sizes"][0],
+                       "torchrun_size": spec["sizes"][0]}, args, Path(spec["work"]), Path(os.devnull), meta=False)
+        print("PREPARED " + json.dumps(bench.prepare_inputs_here()))
+        return 0
     full, quick = load_settings("extraction_scale")
     s = merge_settings(full, quick, args.quick, {"backbone": args.backbone, "sizes": args.sizes,
                                                  "kill_size": args.kill_size, "torchrun_size": args.torchrun_size,
@@ -359,8 +416,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.meta["input"] = bench.prepare_inputs()
     bench.meta["threads"] = {"per_process": 1, "how": "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 (diffrep extract has no --threads)"}
     bench.meta["workdir"] = str(work)
+    bench.meta["stages_run"] = list(args.stages)
     bench.save()
-    bench.torchrun()
+    if "torchrun" in args.stages:
+        bench.torchrun()
 
     # the full-map lane holds the runs whose ratios are the point (2k..60k); the other lane takes pooled
     # features and, once the uninterrupted run of its N has its sha256, the kill -9 / resume runs
@@ -368,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def lane_full() -> None:
         try:
-            for n in s["sizes"]:
+            for n in s["sizes"] if "full" in args.stages else []:
                 bench.full_maps(n, "full")
                 if n == s["kill_size"]:
                     reference_ready.set()
@@ -376,9 +435,9 @@ def main(argv: list[str] | None = None) -> int:
             reference_ready.set()
 
     def lane_other() -> None:
-        kill_done = False
+        kill_done = "kill" not in args.stages
         for n in s["sizes"]:
-            if s["pooled"]:
+            if s["pooled"] and "pooled" in args.stages:
                 bench.pooled(n, "other")
             if n >= s["kill_size"] and not kill_done:
                 reference_ready.wait()
