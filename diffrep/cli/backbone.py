@@ -28,12 +28,16 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from ..backbones.backbone import ImageSizeWarning
     from ..features.io import extract_to_file, read_images
 
+    import torch
+
     from ..devices import resolve_device
     from ..distributed import init_distributed, shutdown
 
     device = None if args.device is None else resolve_device(args.device)  # a refusal before any work
     context = init_distributed()  # under torchrun: every process extracts its share of the chunks
-    backbone = load_backbone(args.checkpoint, device=context.device if device is None else device)
+    if device is None:  # torchrun ranks keep the device they were given (their GPU under nccl); else the CPU
+        device = context.device if context.world_size > 1 else torch.device("cpu")
+    backbone = load_backbone(args.checkpoint, device=device)
     with warnings.catch_warnings():
         if not args.allow_other_size:  # refused below instead of warned about
             warnings.simplefilter("ignore", ImageSizeWarning)
