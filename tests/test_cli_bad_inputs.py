@@ -164,6 +164,8 @@ CASES_EXTRACT = [
         tmp, Path(_broken_ckpt(tmp, ckpt, _trained_on_16)), input=_npy(tmp, np.zeros((2, 32, 32), np.float32))),
          r"x\.npy: spatial size \(32, 32\) differs from the size this backbone was trained on \(16, 16\)"
          r".*--allow-other-size"),
+    Case("extract-device-absent", lambda tmp, ckpt: _extract(tmp, ckpt, "--device", "cuda:99"),
+         r"device 'cuda:99': expected a (usable CUDA GPU|GPU index)"),
 ]
 
 # ----------------------------------------------------------------------------------------- train
@@ -535,6 +537,11 @@ CASES_SEGMENT = [
     Case("segment-predict-out-exists",
          lambda tmp, ckpt: _predict(_head(tmp, ckpt), _images(tmp), _npy(tmp, _labels([0, 1]), "truth.npy")),
          r"--out .*truth\.npy: expected a new file, but it already exists"),
+    Case("segment-fit-device-absent", lambda tmp, ckpt: _fit(tmp, ckpt, _labels([0, 1]), "--device", "cuda:99"),
+         r"device 'cuda:99': expected a (usable CUDA GPU|GPU index)"),
+    Case("segment-predict-device-absent",
+         lambda tmp, ckpt: _predict(_head(tmp, ckpt), _images(tmp), str(tmp / "p.npy"), "--device", "cuda:99"),
+         r"device 'cuda:99': expected a (usable CUDA GPU|GPU index)"),
 ]
 
 # ----------------------------------------------------------------------------------------- probe
@@ -572,6 +579,8 @@ CASES_PROBE: list[Case] = [
          r"--out: .*cache-file is an existing file; expected a directory"),
     Case("probe-val-fraction-out-of-range", lambda tmp, ckpt: _probe(tmp, ckpt, "--val-fraction", "1.5"),
          r"--val-fraction: expected a number in \(0, 1\), got 1\.5"),
+    Case("probe-device-absent", lambda tmp, ckpt: _probe(tmp, ckpt, "--device", "cuda:99"),
+         r"device 'cuda:99': expected a (usable CUDA GPU|GPU index)"),
 ]
 
 # ------------------------------------------------------------------------------------- likelihood

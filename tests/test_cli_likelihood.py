@@ -102,5 +102,30 @@ def test_the_command_is_registered_and_its_vocabulary_is_the_library_one():
     from diffrep.cli import build_parser
     from diffrep.cli import likelihood as cli
 
-    assert cli.METHODS == likelihood_scores.METHODS
+    assert cli.METHODS == likelihood_scores.METHODS and cli.TRACES == likelihood_scores.TRACES
     assert "likelihood" in build_parser()._subparsers._group_actions[0].choices
+
+
+def test_continuous_data_reach_the_library(tmp_path, checkpoint):
+    x = np.random.default_rng(3).random((2, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    argv = ["likelihood", str(checkpoint), str(tmp_path / "x.npy"), "--method", "vlb", "--continuous",
+            "--out", str(tmp_path / "s.csv"), "--quiet"]
+    assert main(argv) == 0
+    table = _library(checkpoint, torch.from_numpy(x[:, None]), eight_bit=False)
+    _assert_rows_match(_read(tmp_path / "s.csv"), table, "vlb", 0)
+    eight_bit = _library(checkpoint, torch.from_numpy(x[:, None]))
+    assert not np.allclose(eight_bit["nll_bits_per_dim"], table["nll_bits_per_dim"])  # the flag changed the model
+    assert main(argv[:-3] + ["--trace", "sparse", "--out", str(tmp_path / "t.csv")]) == 2
+
+
+@pytest.mark.slow
+def test_the_exact_trace_reaches_the_library(tmp_path, checkpoint):
+    """The exact divergence (one vector-Jacobian product per dimension, ~30 s here): one image, loose tolerances."""
+    x = np.random.default_rng(3).random((2, 16, 16)).astype(np.float32)
+    exact = ["likelihood", str(checkpoint), str(tmp_path / "x.npy"), "--method", "ode", "--trace", "exact",
+             "--rtol", "0.1", "--atol", "0.1", "--out", str(tmp_path / "e.csv"), "--quiet"]
+    np.save(tmp_path / "x.npy", x[:1])
+    assert main(exact) == 0
+    table = _library(checkpoint, torch.from_numpy(x[:1, None]), method="ode", trace="exact", rtol=0.1, atol=0.1)
+    _assert_rows_match(_read(tmp_path / "e.csv"), table, "ode", 0)

@@ -28,10 +28,16 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from ..backbones.backbone import ImageSizeWarning
     from ..features.io import extract_to_file, read_images
 
+    import torch
+
+    from ..devices import resolve_device
     from ..distributed import init_distributed, shutdown
 
-    backbone = load_backbone(args.checkpoint)
+    device = None if args.device is None else resolve_device(args.device)  # a refusal before any work
     context = init_distributed()  # under torchrun: every process extracts its share of the chunks
+    if device is None:  # torchrun ranks keep the device they were given (their GPU under nccl); else the CPU
+        device = context.device if context.world_size > 1 else torch.device("cpu")
+    backbone = load_backbone(args.checkpoint, device=device)
     with warnings.catch_warnings():
         if not args.allow_other_size:  # refused below instead of warned about
             warnings.simplefilter("ignore", ImageSizeWarning)
@@ -97,6 +103,8 @@ def add_extract_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage dtype of the features")
     p.add_argument("--allow-other-size", action="store_true",
                    help="extract from images of another size than the backbone was trained on (refused by default)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps; refused if absent on this machine "
+                                                  "(default: cpu, or each torchrun rank's GPU under nccl)")
     p.set_defaults(func=_cmd_extract)
     return p
 

@@ -9,6 +9,7 @@ from typing import Any
 # Spelled here so that building the parser imports no torch; a test checks that they equal
 # diffrep.anomaly.likelihood_scores.METHODS.
 METHODS = ("vlb", "ode")
+TRACES = ("hutchinson", "exact")
 
 
 def _check_options(args: argparse.Namespace) -> None:
@@ -19,6 +20,8 @@ def _check_options(args: argparse.Namespace) -> None:
 
     if args.method not in METHODS:
         raise ValueError(f"--method: expected one of {list(METHODS)}, got {args.method!r}")
+    if args.trace not in TRACES:
+        raise ValueError(f"--trace: expected one of {list(TRACES)}, got {args.trace!r}")
     check_tolerance(args.rtol, "--rtol")
     check_tolerance(args.atol, "--atol")
     check_positive_int(args.hutchinson, "--hutchinson")
@@ -45,7 +48,8 @@ def _cmd_likelihood(args: argparse.Namespace) -> int:
     backbone = load_backbone(args.backbone, device=device)
     inputs = read_likelihood_inputs(args.inputs, backbone, size=args.size)
     scorer = LikelihoodScorer(backbone, method=args.method, hutchinson=args.hutchinson, rtol=args.rtol,
-                              atol=args.atol, seed=args.seed, batch_size=args.batch_size)
+                              atol=args.atol, seed=args.seed, batch_size=args.batch_size, trace=args.trace,
+                              eight_bit=not args.continuous)
     scorer.fit(inputs.images[:1])  # validates the settings for this backbone (e.g. the ODE's schedule)
     rows = likelihood_rows(scorer, inputs, progress=not args.quiet)
     out = write_likelihood_csv(rows, args.out)
@@ -65,6 +69,10 @@ def add_likelihood_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, help="vlb (variational bound, T calls per image) or ode "
                                                     "(probability-flow ODE, adaptive)")
     p.add_argument("--hutchinson", type=int, default=1, help="probe vectors of the ODE's trace estimator")
+    p.add_argument("--trace", default="hutchinson", help="the ODE's divergence: hutchinson (probe vectors) or exact "
+                                                          "(one vector-Jacobian product per dimension: tiny images)")
+    p.add_argument("--continuous", action="store_true", help="the data are continuous, not 8-bit: no dequantisation "
+                                                             "(ODE) and a Gaussian decoder (VLB); bits/dim lose the 8-bit offset")
     p.add_argument("--rtol", type=float, default=1e-5, help="ODE solver relative tolerance")
     p.add_argument("--atol", type=float, default=1e-5, help="ODE solver absolute tolerance")
     p.add_argument("--seed", type=int, default=0, help="seed of the VLB noise, dequantisation and Hutchinson probes")

@@ -55,9 +55,11 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
     args.timesteps = list(DEFAULT_TIMESTEPS) if args.timesteps is None else args.timesteps
     args.cache_dir = DEFAULT_CACHE_DIR if args.cache_dir is None else args.cache_dir
+    from ..devices import resolve_device
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    backbone = load_backbone(args.backbone)
+    backbone = load_backbone(args.backbone, device=resolve_device(args.device))
     _check_probe_args(args, backbone)
     xtr, ytr, xte, yte, data_info = load_probe_dataset(args.dataset, backbone, args.limit_train, args.limit_test)
     run = run_probe(backbone, xtr, ytr, xte, yte, nodes=args.nodes, timesteps=args.timesteps, noise=args.noise,
@@ -102,6 +104,7 @@ def add_probe_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
     p.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps; refused if absent on this machine")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_probe)
     return p

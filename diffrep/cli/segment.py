@@ -72,8 +72,11 @@ def _cmd_segment_fit(args: argparse.Namespace) -> int:
     _threads(args)
     out = Path(args.out)
     _check_head_folder(out, args.overwrite)
+    from ..devices import resolve_device
+
+    device = resolve_device(args.device)
     raw_labels = _load_labels(args.labels)
-    backbone = load_backbone(args.backbone)
+    backbone = load_backbone(args.backbone, device=device)
     images = backbone.check_images(read_images(args.images, backbone), name=f"--images {args.images}")
     name = f"--labels {args.labels}"
     labels = check_pixel_labels(raw_labels, None, image_shape=tuple(images.shape[2:]), num_images=images.shape[0],
@@ -111,7 +114,9 @@ def _cmd_segment_predict(args: argparse.Namespace) -> int:
 
     _threads(args)
     _check_predict_outputs(args)
-    clf, backbone = load_segmentation_head(args.head, args.backbone)
+    from ..devices import resolve_device
+
+    clf, backbone = load_segmentation_head(args.head, args.backbone, device=resolve_device(args.device))
     images = backbone.check_images(read_images(args.images, backbone), name=f"--images {args.images}")
     labels, uncertainty = predict_segmentation(clf, backbone, images, images_per_batch=args.batch_size)
     out = _save_npy(args.out, labels)
@@ -148,6 +153,8 @@ def add_segment_cli(subparsers: Any) -> argparse.ArgumentParser:
     fit.add_argument("--store", default=None, help="pixel store root (default OUT/features); reruns resume")
     fit.add_argument("--extract-batch", type=int, default=8, help="images per feature-extraction batch")
     fit.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    fit.add_argument("--device", default="cpu", help="the U-Net's device: cpu, cuda, cuda:N or mps; refused if absent "
+                                                      "on this machine (the pixel MLPs train on the CPU)")
     fit.add_argument("--out", required=True, help="output directory for head.safetensors + head.json")
     fit.add_argument("--overwrite", action="store_true", help="replace a head already fitted in --out")
     fit.set_defaults(func=_cmd_segment_fit)
@@ -161,5 +168,7 @@ def add_segment_cli(subparsers: Any) -> argparse.ArgumentParser:
     pred.add_argument("--backbone", default=None, help="override the backbone path recorded in the head")
     pred.add_argument("--batch-size", type=int, default=8, help="images per batch")
     pred.add_argument("--threads", type=int, default=None)
+    pred.add_argument("--device", default="cpu", help="the U-Net's device: cpu, cuda, cuda:N or mps; refused if "
+                                                       "absent on this machine")
     pred.set_defaults(func=_cmd_segment_predict)
     return parser

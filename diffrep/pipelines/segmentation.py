@@ -76,16 +76,16 @@ def fit_segmentation_head(backbone: Backbone, images: torch.Tensor, labels: Any,
     return FittedHead(clf, store, metadata)
 
 
-def load_segmentation_head(head_dir: str | os.PathLike,
-                           backbone: str | None = None) -> tuple[PixelClassifier, Backbone]:
-    """A head saved by ``fit_segmentation_head`` + ``save`` and its backbone (``backbone`` overrides the recorded
-    one; its weights must still be the ones the head was fitted on)."""
+def load_segmentation_head(head_dir: str | os.PathLike, backbone: str | None = None,
+                           device: str | torch.device = "cpu") -> tuple[PixelClassifier, Backbone]:
+    """A head saved by ``fit_segmentation_head`` + ``save`` and its backbone on ``device`` (``backbone`` overrides
+    the recorded one; its weights must still be the ones the head was fitted on)."""
     clf = PixelClassifier.load(head_dir)
     meta = clf.metadata_
     missing = [k for k in HEAD_METADATA if k not in meta]
     if missing:
         raise ValueError(f"{head_dir}: expected a head saved by `diffrep segment fit`, its metadata lacks {missing}")
-    model = load_backbone(backbone or meta["backbone"])
+    model = load_backbone(backbone or meta["backbone"], device=device)
     digest = backbone_identity(model)
     if meta.get("backbone_digest") and digest != meta["backbone_digest"]:
         raise ValueError(f"backbone: expected weights with digest {meta['backbone_digest']} (the one the head was "
@@ -103,7 +103,7 @@ def predict_segmentation(classifier: PixelClassifier, backbone: Backbone, images
     keys = [FeatureKey(n, t) for n in extractor.nodes for t in extractor.timesteps]
     labels, uncertainty = [], []
     for _, features in extractor.iter_batches(images):
-        descriptors = upsample_concat(features, tuple(images.shape[2:]), keys)
+        descriptors = upsample_concat(features, tuple(images.shape[2:]), keys).cpu()  # the head's device is its own
         lab, unc = classifier.predict_with_uncertainty(descriptors)
         labels.append(lab)
         uncertainty.append(unc)
