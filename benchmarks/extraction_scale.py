@@ -46,6 +46,7 @@ from common import RESULTS_DIR, finish_metadata, load_settings, merge_settings, 
 REPO = Path(__file__).resolve().parents[1]
 RSS_TARGET = 1.15
 STAGES = ("torchrun", "full", "kill", "pooled")
+STAGE_KEYS = {"torchrun": "torchrun", "full": "full_maps", "kill": "kill_resume", "pooled": "pooled"}  # in the JSON
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="the extraction noise seed (diffrep extract --seed)")
     parser.add_argument("--workdir", default=None, help="inputs and outputs (default: a temporary folder, removed)")
     parser.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/extraction_scale[_quick].json)")
+    parser.add_argument("--merge", default=None, help="an earlier result JSON of this script: its stages are kept, the "
+                                                      "--stages run now replace theirs (recorded as merged_from)")
     parser.add_argument("--pooled-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--prepare-child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -207,6 +210,21 @@ class Bench:
 
     def npy(self, n: int) -> Path:
         return self.work / f"x{n}.npy"
+
+    def merge(self, earlier: Path) -> None:
+        """Start from the stages of an earlier run of this script with the same settings (a run split over
+        sessions); the stages run now replace theirs. The earlier run's identity is recorded."""
+        previous = json.loads(earlier.read_text())
+        if previous.get("config") != self.s:
+            raise ValueError(f"--merge: {earlier} was run with settings {previous.get('config')}, not {self.s}")
+        rerun = {STAGE_KEYS[stage] for stage in self.args.stages}
+        kept = [key for key in self.result if key not in rerun]
+        for key in kept:
+            self.result[key] = previous["stages"][key]
+        self.errors += [f"earlier run: {e}" for e in previous.get("errors", [])]
+        self.meta["merged_from"] = {"path": str(earlier), "command": previous.get("command"),
+                                    "timestamp": previous.get("timestamp"), "finished": previous.get("finished"),
+                                    "git": previous.get("git"), "machine": previous.get("machine"), "stages_kept": kept}
 
     def prepare_inputs(self) -> dict[str, Any]:
         """Write X_N.npy in a child process (this process stays small: its children start from its RSS)."""
@@ -413,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="extraction_scale_"))
     work.mkdir(parents=True, exist_ok=True)
     bench = Bench(s, args, work, out)
+    if args.merge:
+        bench.merge(Path(args.merge))
     bench.meta["input"] = bench.prepare_inputs()
     bench.meta["threads"] = {"per_process": 1, "how": "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 (diffrep extract has no --threads)"}
     bench.meta["workdir"] = str(work)

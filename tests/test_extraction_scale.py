@@ -43,3 +43,23 @@ def test_quick_run_writes_every_stage(tmp_path):
     assert result["targets"]["kill_resume_identical_and_only_missing"]["met"]
     assert result["targets"]["torchrun_identical"]["met"]
     assert not list((tmp_path / "work").glob("*.safetensors*"))  # outputs are removed once hashed
+
+
+def test_merge_keeps_the_earlier_stages_and_refuses_other_settings(tmp_path):
+    import argparse
+
+    settings = {"backbone": "b", "sizes": [1, 2]}
+    earlier = {"config": settings, "command": "x", "timestamp": "t0", "errors": ["pooled N=2: exit code -9"],
+               "stages": {"torchrun": {"old": True}, "full_maps": {"1": {"n": 1}}, "kill_resume": {"k": 1},
+                          "pooled": {"1": {"n": 1}}}}
+    (tmp_path / "e.json").write_text(json.dumps(earlier))
+    args = argparse.Namespace(stages=["torchrun"], seed=0)
+    run = bench.Bench(settings, args, tmp_path, tmp_path / "o.json", meta=False)
+    run.merge(tmp_path / "e.json")
+    assert run.result["torchrun"] is None  # to be run now
+    assert run.result["full_maps"] == {"1": {"n": 1}} and run.result["kill_resume"] == {"k": 1}
+    assert run.meta["merged_from"]["stages_kept"] == ["full_maps", "kill_resume", "pooled"]
+    assert run.errors == ["earlier run: pooled N=2: exit code -9"]
+    other = bench.Bench({**settings, "sizes": [1, 3]}, args, tmp_path, tmp_path / "o.json", meta=False)
+    with pytest.raises(ValueError, match=r"--merge: .*e\.json was run with settings"):
+        other.merge(tmp_path / "e.json")
