@@ -166,6 +166,8 @@ CASES_EXTRACT = [
          r".*--allow-other-size"),
     Case("extract-device-absent", lambda tmp, ckpt: _extract(tmp, ckpt, "--device", "cuda:99"),
          r"device 'cuda:99': expected a (usable CUDA GPU|GPU index)"),
+    Case("extract-autocast-float16-on-cpu", lambda tmp, ckpt: _extract(tmp, ckpt, "--autocast", "float16"),
+         r"autocast 'float16': expected a CUDA device, got 'cpu'; use 'bfloat16' on CPU"),
 ]
 
 # ----------------------------------------------------------------------------------------- train
@@ -226,6 +228,10 @@ CASES_TRAIN = [
          r"r\.yaml: data\.dataset: expected 'fmnist', 'brain' or 'synthetic', got 'cifar'"),
     Case("train-max-steps-0", lambda tmp, ckpt: _train_argv(tmp, None, "--max-steps", "0"),
          r"--max-steps\): expected an integer >= 1, got 0"),
+    Case("train-device-absent", lambda tmp, ckpt: _train_argv(tmp, None, "--device", "cuda:99"),
+         r"device 'cuda:99': expected a (usable CUDA GPU|GPU index)"),
+    Case("train-device-garbled", lambda tmp, ckpt: _train_argv(tmp, None, "--device", "gpu0"),
+         r"device: expected 'cpu', 'cuda', 'cuda:N' or 'mps', got 'gpu0'"),
     Case("train-threads-0", lambda tmp, ckpt: _train_argv(tmp, None, "--threads", "0"),
          r"--threads\): expected an integer >= 1, got 0"),
     Case("train-log-every-0", lambda tmp, ckpt: _train_argv(tmp, {"log_every": 0}),

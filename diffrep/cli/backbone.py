@@ -26,6 +26,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
     from ..backbones import load_backbone
     from ..backbones.backbone import ImageSizeWarning
+    from ..compute import ComputeOptions
     from ..features.io import extract_to_file, read_images
 
     import torch
@@ -34,7 +35,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from ..distributed import init_distributed, shutdown
 
     device = None if args.device is None else resolve_device(args.device)  # a refusal before any work
-    context = init_distributed()  # under torchrun: every process extracts its share of the chunks
+    compute = ComputeOptions(autocast=args.autocast, channels_last=args.channels_last)
+    compute.check_device(device or torch.device("cpu"))
+    context = init_distributed(device)  # under torchrun: every process extracts its share of the chunks
     if device is None:  # torchrun ranks keep the device they were given (their GPU under nccl); else the CPU
         device = context.device if context.world_size > 1 else torch.device("cpu")
     backbone = load_backbone(args.checkpoint, device=device)
@@ -44,7 +47,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         images = backbone.check_images(read_images(args.input, backbone), name=f"input {args.input}")
         backbone.check_image_size(tuple(images.shape[2:]), refuse=not args.allow_other_size, name=f"input {args.input}")
         out = extract_to_file(backbone, images, args.nodes, args.timesteps, Path(args.out), noise=args.noise,
-                              seed=args.seed, batch_size=args.batch_size, dtype=args.dtype, progress=True)
+                              seed=args.seed, batch_size=args.batch_size, dtype=args.dtype, progress=True,
+                              compute=compute)
     shutdown(context)
     if context.is_main:
         print(f"wrote features of {images.shape[0]} image(s) to {out}")
@@ -105,8 +109,16 @@ def add_extract_cli(subparsers: Any) -> argparse.ArgumentParser:
                    help="extract from images of another size than the backbone was trained on (refused by default)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps; refused if absent on this machine "
                                                   "(default: cpu, or each torchrun rank's GPU under nccl)")
+    add_compute_options(p)
     p.set_defaults(func=_cmd_extract)
     return p
+
+
+def add_compute_options(p: argparse.ArgumentParser) -> None:
+    """``--autocast`` and ``--channels-last`` (diffrep.compute.ComputeOptions) on a command that runs the U-Net."""
+    p.add_argument("--autocast", choices=("bfloat16", "float16"), default=None,
+                   help="run the U-Net under torch.autocast in this precision (float16: CUDA only); features stay float32")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory layout (faster convolutions on GPUs)")
 
 
 def add_import_monai_cli(subparsers: Any) -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from .._atomic import atomic_path
 from ..backbones.backbone import Backbone
 from .._types import FeatureKey
+from ..compute import ComputeOptions
 from ..errors import as_dtype
 from .extractor import FeatureDict, FeatureExtractor
 
@@ -113,11 +114,13 @@ def read_image_file(file: str | os.PathLike, channels: int) -> np.ndarray:
 
 def extract_to_file(backbone: Backbone, images: Any, nodes: Iterable[str], timesteps: Iterable[int],
                     out: str | os.PathLike, noise: str = "shared", seed: int = 0, batch_size: int = 64,
-                    dtype: str | torch.dtype = torch.float32, progress: bool = False) -> Path:
+                    dtype: str | torch.dtype = torch.float32, progress: bool = False,
+                    compute: ComputeOptions | None = None) -> Path:
     """Extract features of ``images`` (a tensor or array, e.g. a memory-mapped .npy) straight to one
     ``.safetensors`` file (tensor names ``node@t``, the FeatureDict metadata in its header), chunk by chunk
     of ``batch_size`` images (each forward holds all ``timesteps`` of its images), stored in ``dtype`` (a torch
-    dtype or its name).
+    dtype or its name). ``compute``: autocast precision and channels-last layout (``diffrep.compute``), recorded in
+    the header and the resume fingerprint.
 
     Memory holds one chunk of images and features, never the whole output. An interrupted run leaves
     ``OUT.partial`` and its progress record; the same call again computes only the missing chunks
@@ -129,7 +132,9 @@ def extract_to_file(backbone: Backbone, images: Any, nodes: Iterable[str], times
     from ..digests import backbone_identity
     from .stream import SafetensorsStream
 
-    extractor = FeatureExtractor(backbone, list(nodes), list(timesteps), noise=noise, seed=seed, batch_size=batch_size)
+    compute = compute or ComputeOptions()
+    extractor = FeatureExtractor(backbone, list(nodes), list(timesteps), noise=noise, seed=seed, batch_size=batch_size,
+                                 compute=compute)
     dtype = as_dtype(dtype)
     n = len(images)
     if n == 0:
@@ -143,9 +148,13 @@ def extract_to_file(backbone: Backbone, images: Any, nodes: Iterable[str], times
     metadata = {"keys": [{"node": k.node, "timestep": k.timestep, "noise_level": backbone.noise_level(k.timestep),
                           "shape": list(specs[f"{k.node}@{k.timestep}"][1])} for k in keys],
                 "noise": str(extractor.noise), "seed": extractor.seed, "backbone": _backbone_name(backbone)}
+    if compute != ComputeOptions():  # the default adds nothing: files of the default settings are unchanged
+        metadata["compute"] = compute.describe()
     fingerprint = {"code": feature_code_digest(), "backbone": backbone_identity(backbone),
                    "images": digest, "keys": list(specs), "noise": str(extractor.noise),
                    "seed": seed, "batch_size": batch_size, "dtype": str(dtype)}
+    if compute != ComputeOptions():
+        fingerprint["compute"] = compute.describe()
     rank, world_size, barrier = _process_group()
     stream = SafetensorsStream(_safetensors_name(out), specs, {"diffrep": json.dumps(metadata)}, fingerprint,
                                rank=rank, world_size=world_size, barrier=barrier)
