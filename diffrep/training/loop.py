@@ -158,7 +158,7 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, max_steps: int | No
     if resume:
         step, ema_step_offset = _resume(config, state_path, model, ema, optimizer, lr_schedule)
         saved_step = step
-    data = data or build_training_data(config.data, config.seed)
+    data = data or build_training_data(config.data, config.seed, channels=config.backbone.unet.in_channels)
     check_data_fits(config.backbone.unet, channels=data.images.shape[1], spatial=tuple(data.images.shape[2:]),
                     what=f"the training images of shape {tuple(data.images.shape)}")
     net = DistributedDataParallel(model) if ctx.world_size > 1 else model

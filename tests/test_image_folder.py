@@ -1,0 +1,98 @@
+"""The user's own image folders: reading (layout, labels, sizes), and `diffrep train` on a folder of PNGs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from diffrep import load_backbone
+from diffrep.cli import main
+from diffrep.data.image_folder import load_image_folder
+
+
+def _save(path: Path, array: np.ndarray, **kwargs) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, **kwargs)
+
+
+def _tree(root: Path, size: int = 16) -> dict[str, np.ndarray]:
+    """An ImageFolder tree: 8-bit and 16-bit grey PNGs and a JPEG in two classes, nested, and a hidden file."""
+    rng = np.random.default_rng(0)
+    arrays = {"cats/a.png": rng.integers(0, 256, (size, size), dtype=np.uint8),
+              "cats/deep/b.png": (rng.integers(0, 65536, (size, size))).astype(np.uint16),
+              "dogs/c.jpg": np.full((size, size), 200, np.uint8),
+              "dogs/d.png": rng.integers(0, 256, (size, size), dtype=np.uint8)}
+    for name, array in arrays.items():
+        _save(root / name, array, **({"quality": 100} if name.endswith(".jpg") else {}))
+    (root / "dogs" / ".DS_Store").write_bytes(b"finder")
+    return arrays
+
+
+def test_an_imagefolder_tree_gives_classes_labels_and_exact_values(tmp_path):
+    arrays = _tree(tmp_path)
+    found = load_image_folder(tmp_path, channels=1)
+    assert found.files == ["cats/a.png", "cats/deep/b.png", "dogs/c.jpg", "dogs/d.png"]
+    assert found.classes == ["cats", "dogs"] and found.labels.tolist() == [0, 0, 1, 1]
+    assert found.images.shape == (4, 1, 16, 16) and found.images.dtype == torch.float32
+    torch.testing.assert_close(found.images[0, 0], torch.from_numpy(arrays["cats/a.png"] / np.float32(255)))
+    torch.testing.assert_close(found.images[1, 0], torch.from_numpy(arrays["cats/deep/b.png"] / np.float32(65535)))
+    assert abs(float(found.images[2].mean()) - 200 / 255) < 2 / 255  # JPEG: lossy within a grey level or two
+    assert found.describe()["images"] == 4 and len(found.digest) == 64
+
+
+def test_a_flat_folder_has_no_labels_and_the_digest_follows_the_bytes(tmp_path):
+    _save(tmp_path / "x.png", np.zeros((8, 8), np.uint8))
+    _save(tmp_path / "y.png", np.ones((8, 8), np.uint8))
+    first = load_image_folder(tmp_path, channels=1)
+    assert first.classes is None and first.labels is None
+    _save(tmp_path / "y.png", np.full((8, 8), 2, np.uint8))
+    assert load_image_folder(tmp_path, channels=1).digest != first.digest
+
+
+def test_mixed_sizes_are_refused_without_a_size_and_resized_with_one(tmp_path):
+    _save(tmp_path / "small.png", np.full((8, 8), 255, np.uint8))
+    _save(tmp_path / "large.png", np.full((32, 24), 255, np.uint8))
+    with pytest.raises(ValueError, match=r"expected images of one size, got 32x24 \(e\.g\. large\.png\), 8x8"):
+        load_image_folder(tmp_path, channels=1)
+    found = load_image_folder(tmp_path, channels=1, size=16)
+    assert found.images.shape == (2, 1, 16, 16) and found.resized == 2
+    torch.testing.assert_close(found.images, torch.ones_like(found.images))  # a constant image stays constant
+
+
+def test_rgb_images_for_an_rgb_unet(tmp_path):
+    rgb = np.dstack([np.full((8, 8), v, np.uint8) for v in (10, 100, 250)])
+    _save(tmp_path / "c.png", rgb)
+    found = load_image_folder(tmp_path, channels=3)
+    torch.testing.assert_close(found.images[0, :, 0, 0], torch.tensor([10, 100, 250]) / torch.tensor(255.0))
+    with pytest.raises(ValueError, match=r"c\.png is RGB but the backbone takes 1 channel"):
+        load_image_folder(tmp_path, channels=1)
+
+
+def _recipe(tmp: Path, data: dict, in_channels: int = 1) -> str:
+    recipe = {"name": "mine", "max_steps": 2, "checkpoint_every": 2, "log_every": 1, "sample_steps": 2,
+              "eval_timesteps": [10, 500], "data": data,
+              "backbone": {"unet": {"channels": [8, 16], "attention_levels": [False, False], "norm_num_groups": 8,
+                                    "num_head_channels": 8, "in_channels": in_channels, "out_channels": in_channels}},
+              "optim": {"batch_size": 2, "warmup_steps": 1}}
+    (tmp / "mine.yaml").write_text(yaml.safe_dump(recipe))
+    return str(tmp / "mine.yaml")
+
+
+@pytest.mark.parametrize("channels", [1, 3], ids=["grey", "rgb"])
+def test_diffrep_train_on_a_folder_of_pngs(channels, tmp_path):
+    rng = np.random.default_rng(1)
+    for i in range(12):  # two sizes: the recipe's size resizes them
+        shape = (16, 16) if i % 2 else (20, 24)
+        _save(tmp_path / "pngs" / f"{i:02d}.png", rng.integers(0, 256, shape + ((3,) if channels == 3 else ()),
+                                                                   dtype=np.uint8))
+    config = _recipe(tmp_path, {"dataset": "folder", "path": str(tmp_path / "pngs"), "size": 16}, channels)
+    assert main(["train", "--config", config, "--out", str(tmp_path / "run")]) == 0
+    backbone = load_backbone(tmp_path / "run" / "backbone")
+    data = backbone.config.provenance["data"]
+    assert data["dataset"] == "folder" and data["images"] == 12 and data["resized"] == 6
+    assert data["train_images"] == 11 and len(data["heldout_files"]) == 1 and len(data["files_sha256"]) == 64
+    assert backbone.in_channels == channels
