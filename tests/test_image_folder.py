@@ -96,3 +96,60 @@ def test_diffrep_train_on_a_folder_of_pngs(channels, tmp_path):
     assert data["dataset"] == "folder" and data["images"] == 12 and data["resized"] == 6
     assert data["train_images"] == 11 and len(data["heldout_files"]) == 1 and len(data["files_sha256"]) == 64
     assert backbone.in_channels == channels
+
+
+def _class_tree(root: Path, per_class: int = 10, classes: tuple[str, ...] = ("bright", "dark")) -> None:
+    rng = np.random.default_rng(2)
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            base = 200 if name == "bright" else 40
+            _save(root / name / f"{i:02d}.png", np.clip(base + rng.normal(0, 20, (16, 16)), 0, 255).astype(np.uint8))
+
+
+def _probe_argv(tmp: Path, ckpt: Path, *extra: str) -> list[str]:
+    return ["probe", "--backbone", str(ckpt), "--timesteps", "10", "--nodes", "mid", "--quiet",
+            "--cache-dir", str(tmp / "cache"), "--out", str(tmp / "out"), "--val-fraction", "0.25", *extra]
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> Path:
+    from diffrep.backbones import save_backbone
+
+    from .conftest import make_backbone
+
+    return save_backbone(make_backbone("2d-2level"), tmp_path / "ckpt")
+
+
+def test_probe_on_an_imagefolder_tree_with_a_test_fraction(tmp_path, checkpoint):
+    _class_tree(tmp_path / "train")
+    assert main(_probe_argv(tmp_path, checkpoint, "--train-dir", str(tmp_path / "train"), "--test-fraction", "0.3")) == 0
+    report = __import__("json").loads((tmp_path / "out" / "probe_folder.json").read_text())
+    data = report["data"]
+    assert data["classes"] == ["bright", "dark"] and data["n_train"] == 14 and data["n_test"] == 6
+    assert sorted(Path(f).parts[0] for f in data["test_files"]) == ["bright"] * 3 + ["dark"] * 3  # stratified
+    assert report["choices"]["single"]["test_acc"] == 1.0  # bright vs dark is trivially separable
+
+
+def test_probe_with_a_test_tree_matches_classes_by_name(tmp_path, checkpoint):
+    _class_tree(tmp_path / "train")
+    _class_tree(tmp_path / "test", per_class=3, classes=("dark",))  # one class only: index 1 of the train tree
+    assert main(_probe_argv(tmp_path, checkpoint, "--train-dir", str(tmp_path / "train"),
+                            "--test-dir", str(tmp_path / "test"))) == 0
+    report = __import__("json").loads((tmp_path / "out" / "probe_folder.json").read_text())
+    assert report["data"]["n_test"] == 3 and report["choices"]["single"]["test_acc"] == 1.0
+    _class_tree(tmp_path / "other", per_class=3, classes=("cats",))
+    assert main(_probe_argv(tmp_path, checkpoint, "--train-dir", str(tmp_path / "train"),
+                            "--test-dir", str(tmp_path / "other"))) == 2
+
+
+@pytest.mark.parametrize("extra, match", [
+    ((), r"expected either --dataset or --train-dir"),
+    (("--dataset", "fmnist", "--train-dir", "x"), r"expected either --dataset or --train-dir"),
+    (("--dataset", "fmnist", "--test-dir", "x"), r"--test-dir: expected it together with --train-dir"),
+    (("--train-dir", "FLAT"), r"expected an ImageFolder tree \(one subfolder per class"),
+])
+def test_probe_folder_arguments_are_checked(extra, match, tmp_path, checkpoint, capsys):
+    _save(tmp_path / "flat" / "a.png", np.zeros((16, 16), np.uint8))
+    extra = tuple(str(tmp_path / "flat") if e == "FLAT" else e for e in extra)
+    assert main(_probe_argv(tmp_path, checkpoint, *extra)) == 2
+    assert __import__("re").search(match, capsys.readouterr().err)
