@@ -153,3 +153,20 @@ def test_probe_folder_arguments_are_checked(extra, match, tmp_path, checkpoint, 
     extra = tuple(str(tmp_path / "flat") if e == "FLAT" else e for e in extra)
     assert main(_probe_argv(tmp_path, checkpoint, *extra)) == 2
     assert __import__("re").search(match, capsys.readouterr().err)
+
+
+def test_the_readme_recipe_for_your_own_images_trains(tmp_path):
+    """The recipe of README's "Your own data" section, as written (only the folder and step count changed)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("cat > mine.yaml <<'EOF'\n", 1)[1].split("\nEOF\n", 1)[0]
+    recipe = yaml.safe_load(block)
+    assert recipe["data"]["dataset"] == "folder" and recipe["data"]["path"] == "my_images"
+    rng = np.random.default_rng(3)
+    for i in range(6):
+        _save(tmp_path / "my_images" / f"{i}.png", rng.integers(0, 256, (40, 40), dtype=np.uint8))
+    recipe["data"]["path"] = str(tmp_path / "my_images")
+    recipe.update(max_steps=2, checkpoint_every=2, log_every=1, sample_steps=2)
+    recipe["optim"] = {"batch_size": 2, "warmup_steps": 1}
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["train", "--config", str(tmp_path / "mine.yaml"), "--out", str(tmp_path / "runs" / "mine")]) == 0
+    assert load_backbone(tmp_path / "runs" / "mine" / "backbone").config.provenance["data"]["resized"] == 6
