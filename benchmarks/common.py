@@ -78,7 +78,8 @@ def run_metadata(config: dict[str, Any], seed: int | None) -> dict[str, Any]:
     return {"command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
             "config": config, "seed": seed, "versions": versions(),
             "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                        "torch_threads": torch.get_num_threads()},
+                        "torch_threads": torch.get_num_threads(),
+                        "load_average_at_start": [round(v, 2) for v in os.getloadavg()]},  # other work on the machine
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -196,6 +197,7 @@ def finish_metadata(meta: dict[str, Any], watch: Stopwatch | None = None) -> dic
     """Add the finish timestamp, total and per-stage wall time, and the git revision to ``run_metadata``'s dict."""
     meta = dict(meta)
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    meta.setdefault("machine", {})["load_average_at_finish"] = [round(v, 2) for v in os.getloadavg()]
     meta["git"] = git_revision()
     if watch is not None:
         meta["wall_seconds"] = watch.total()

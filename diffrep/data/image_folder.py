@@ -9,7 +9,6 @@ error naming an example of each.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..digests import files_digest
 from .image_files import IMAGE_SUFFIXES, read_image_file
 
 
@@ -87,11 +87,8 @@ def load_image_folder(root: str | os.PathLike, channels: int, size: int | None =
         images = torch.cat(tensors)
     relative = [str(f.relative_to(root)) for f in files]
     classes, labels = _class_layout(relative)
-    digest = hashlib.sha256()
-    for f, name in zip(files, relative):
-        digest.update(name.encode() + b"\0" + f.read_bytes())
     return ImageSet(images=images, files=relative, root=root, classes=classes, labels=labels, resized=resized,
-                    digest=digest.hexdigest())
+                    digest=files_digest(zip(relative, files)))
 
 
 def _class_layout(relative: list[str]) -> tuple[list[str] | None, np.ndarray | None]:
