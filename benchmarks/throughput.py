@@ -29,7 +29,6 @@ Settings: configs/benchmarks/throughput.yaml (``full``; ``quick`` over it with `
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import tempfile

@@ -166,6 +166,8 @@ CASES_EXTRACT = [
          r".*--allow-other-size"),
     Case("extract-device-absent", lambda tmp, ckpt: _extract(tmp, ckpt, "--device", "cuda:99"),
          r"device 'cuda:99': expected a (usable CUDA GPU|GPU index)"),
+    Case("extract-threads-0", lambda tmp, ckpt: _extract(tmp, ckpt, "--threads", "0"),
+         r"--threads: expected an integer >= 1, got 0"),
     Case("extract-autocast-float16-on-cpu", lambda tmp, ckpt: _extract(tmp, ckpt, "--autocast", "float16"),
          r"autocast 'float16': expected a CUDA device, got 'cpu'; use 'bfloat16' on CPU"),
 ]
@@ -427,6 +429,8 @@ CASES_ANOMALY = [
          r"mask\.nii\.gz: expected a mask on the grid of .*scan\.nii\.gz \(affine"),
     Case("anomaly-device-garbled", lambda tmp, ckpt: _score(ckpt, _nifti(tmp), str(tmp / "m.nii.gz"), "--device", "gpu0"),
          r"device: expected 'cpu', 'cuda', 'cuda:N' or 'mps', got 'gpu0'"),
+    Case("anomaly-threads-0", lambda tmp, ckpt: _score(ckpt, _nifti(tmp), str(tmp / "m.nii.gz"), "--threads", "0"),
+         r"--threads: expected an integer >= 1, got 0"),
     Case("anomaly-device-absent", lambda tmp, ckpt: _score(ckpt, _nifti(tmp), str(tmp / "m.nii.gz"), "--device", "cuda:99"),
          r"device 'cuda:99': expected a (usable CUDA GPU|GPU index)"),
     Case("anomaly-size-the-unet-cannot-take",
@@ -646,6 +650,8 @@ CASES_LIKELIHOOD = [
     Case("likelihood-nifti-into-two-channel-model", lambda tmp, ckpt: _likelihood(
         tmp, _two_channel_checkpoint(tmp), "--size", "16", input=_nifti(tmp)),
          r"scan\.nii\.gz: NIfTI slices are 1-channel 2D images; expected a 1-channel 2D backbone, got 2 channel"),
+    Case("likelihood-threads-0", lambda tmp, ckpt: _likelihood(tmp, ckpt, "--threads", "0"),
+         r"--threads: expected an integer >= 1, got 0"),
     Case("likelihood-device-garbled", lambda tmp, ckpt: _likelihood(tmp, ckpt, "--device", "gpu0"),
          r"device: expected 'cpu', 'cuda', 'cuda:N' or 'mps', got 'gpu0'"),
 ]

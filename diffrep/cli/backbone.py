@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .options import add_compute_options, add_threads_option, apply_threads
+
 
 def _cmd_nodes(args: argparse.Namespace) -> int:
     from ..backbones import load_backbone
@@ -35,6 +37,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from ..distributed import init_distributed, shutdown
 
     device = None if args.device is None else resolve_device(args.device)  # a refusal before any work
+    apply_threads(args)
     compute = ComputeOptions(autocast=args.autocast, channels_last=args.channels_last)
     compute.check_device(device or torch.device("cpu"))
     context = init_distributed(device)  # under torchrun: every process extracts its share of the chunks
@@ -110,15 +113,9 @@ def add_extract_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps; refused if absent on this machine "
                                                   "(default: cpu, or each torchrun rank's GPU under nccl)")
     add_compute_options(p)
+    add_threads_option(p)
     p.set_defaults(func=_cmd_extract)
     return p
-
-
-def add_compute_options(p: argparse.ArgumentParser) -> None:
-    """``--autocast`` and ``--channels-last`` (diffrep.compute.ComputeOptions) on a command that runs the U-Net."""
-    p.add_argument("--autocast", choices=("bfloat16", "float16"), default=None,
-                   help="run the U-Net under torch.autocast in this precision (float16: CUDA only); features stay float32")
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory layout (faster convolutions on GPUs)")
 
 
 def add_import_monai_cli(subparsers: Any) -> argparse.ArgumentParser:

@@ -5,6 +5,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from .options import add_threads_option, apply_threads
+
 # The datasets load_probe_dataset knows, spelled here so that building the parser imports no torch;
 # a test checks that this equals diffrep.pipelines.probe.DATASETS.
 DATASETS = ("fmnist",)
@@ -58,8 +60,6 @@ def _dataset_id(args: argparse.Namespace, info: dict) -> str:
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
-    import torch
-
     from .._atomic import atomic_write_json
     from ..backbones import load_backbone
     from ..features.cache import DEFAULT_CACHE_DIR
@@ -70,8 +70,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     args.cache_dir = DEFAULT_CACHE_DIR if args.cache_dir is None else args.cache_dir
     from ..devices import resolve_device
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     backbone = load_backbone(args.backbone, device=resolve_device(args.device))
     if args.train_dir is None:
         _check_probe_args(args, backbone)
@@ -128,7 +127,7 @@ def add_probe_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per U-Net forward")
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
     p.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_threads_option(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps; refused if absent on this machine")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_probe)
