@@ -29,7 +29,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from ..backbones import load_backbone
     from ..backbones.backbone import ImageSizeWarning
     from ..compute import ComputeOptions
-    from ..features.io import extract_to_file, read_images
+    from ..features.io import extract_to_file, image_names, read_images
 
     import torch
 
@@ -51,7 +51,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         backbone.check_image_size(tuple(images.shape[2:]), refuse=not args.allow_other_size, name=f"input {args.input}")
         out = extract_to_file(backbone, images, args.nodes, args.timesteps, Path(args.out), noise=args.noise,
                               seed=args.seed, batch_size=args.batch_size, dtype=args.dtype, progress=True,
-                              compute=compute)
+                              compute=compute, files=image_names(args.input))
     shutdown(context)
     if context.is_main:
         print(f"wrote features of {images.shape[0]} image(s) to {out}")

@@ -48,6 +48,12 @@ def read_images(path: str | os.PathLike, backbone: Backbone) -> torch.Tensor:
     return tensor
 
 
+def image_names(path: str | os.PathLike) -> list[str] | None:
+    """The file names ``read_images`` reads from a folder, in its order; None for a ``.npy`` input."""
+    path = Path(path)
+    return [p.name for p in sorted(path.iterdir())] if path.is_dir() else None
+
+
 def _read_folder(path: Path, backbone: Backbone) -> torch.Tensor:
     """Every image of a folder as one (N, C, H, W) float batch in the data range."""
     if backbone.spatial_dims != 2:
@@ -74,12 +80,13 @@ def _read_folder(path: Path, backbone: Backbone) -> torch.Tensor:
 def extract_to_file(backbone: Backbone, images: Any, nodes: Iterable[str], timesteps: Iterable[int],
                     out: str | os.PathLike, noise: str = "shared", seed: int = 0, batch_size: int = 64,
                     dtype: str | torch.dtype = torch.float32, progress: bool = False,
-                    compute: ComputeOptions | None = None) -> Path:
+                    compute: ComputeOptions | None = None, files: list[str] | None = None) -> Path:
     """Extract features of ``images`` (a tensor or array, e.g. a memory-mapped .npy) straight to one
     ``.safetensors`` file (tensor names ``node@t``, the FeatureDict metadata in its header), chunk by chunk
     of ``batch_size`` images (each forward holds all ``timesteps`` of its images), stored in ``dtype`` (a torch
     dtype or its name). ``compute``: autocast precision and channels-last layout (``diffrep.compute``), recorded in
-    the header and the resume fingerprint.
+    the header and the resume fingerprint. ``files``: the image file names, one per image, written into the
+    header (``diffrep extract`` on a folder gives them), so every row of the features names its file.
 
     Memory holds one chunk of images and features, never the whole output. An interrupted run leaves
     ``OUT.partial`` and its progress record; the same call again computes only the missing chunks
@@ -107,6 +114,10 @@ def extract_to_file(backbone: Backbone, images: Any, nodes: Iterable[str], times
     metadata = {"keys": [{"node": k.node, "timestep": k.timestep, "noise_level": backbone.noise_level(k.timestep),
                           "shape": list(specs[f"{k.node}@{k.timestep}"][1])} for k in keys],
                 "noise": str(extractor.noise), "seed": extractor.seed, "backbone": _backbone_name(backbone)}
+    if files is not None:
+        if len(files) != n:
+            raise ValueError(f"files: expected one name per image ({n}), got {len(files)}")
+        metadata["files"] = list(files)
     if compute != ComputeOptions():  # the default adds nothing: files of the default settings are unchanged
         metadata["compute"] = compute.describe()
     fingerprint = {"code": feature_code_digest(), "backbone": backbone_identity(backbone),
