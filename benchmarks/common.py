@@ -78,7 +78,8 @@ def run_metadata(config: dict[str, Any], seed: int | None) -> dict[str, Any]:
     return {"command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
             "config": config, "seed": seed, "versions": versions(),
             "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                        "torch_threads": torch.get_num_threads()},
+                        "torch_threads": torch.get_num_threads(),
+                        "load_average_at_start": [round(v, 2) for v in os.getloadavg()]},  # other work on the machine
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -112,19 +113,33 @@ def random_init_control(backbone: Any, seed: int, seed_option: str = "the contro
     return control
 
 
-def interleaved_medians(variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, dict[str, float]]:
-    """Time each variant in turn, ``repeats`` rounds, so machine noise hits all alike; median and spread."""
+def interleaved_medians(variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1,
+                        alternate: bool = False) -> dict[str, dict[str, Any]]:
+    """Time each variant in turn, ``repeats`` rounds, so machine noise hits all alike; median, spread and the
+    per-round samples (``samples_s``, round i of every variant adjacent in time: see :func:`paired_ratio`).
+    ``alternate`` runs odd rounds in reverse order, so no variant always follows the same one."""
     for _ in range(warmup):
         for fn in variants.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
+    names = list(variants)
+    for round_ in range(repeats):
+        for name in (names[::-1] if alternate and round_ % 2 else names):
             start = time.perf_counter()
-            fn()
+            variants[name]()
             samples[name].append(time.perf_counter() - start)
-    return {name: {"median_s": statistics.median(s), "min_s": min(s), "max_s": max(s), "repeats": len(s)}
-            for name, s in samples.items()}
+    return {name: {"median_s": statistics.median(s), "min_s": min(s), "max_s": max(s), "repeats": len(s),
+                   "samples_s": s} for name, s in samples.items()}
+
+
+def paired_ratio(timings: dict[str, dict[str, Any]], numerator: str, denominator: str) -> dict[str, float]:
+    """Median and quartiles over rounds of ``numerator``'s time / ``denominator``'s time in the same round.
+
+    Pairing cancels the machine's slow drifts (another process, frequency changes) that a ratio of two
+    medians keeps; the quartiles say how far one round's ratio can be trusted."""
+    ratios = [a / b for a, b in zip(timings[numerator]["samples_s"], timings[denominator]["samples_s"])]
+    q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    return {"median": statistics.median(ratios), "q1": q1, "q3": q3, "rounds": len(ratios)}
 
 
 def git_revision() -> dict[str, Any]:
@@ -182,6 +197,7 @@ def finish_metadata(meta: dict[str, Any], watch: Stopwatch | None = None) -> dic
     """Add the finish timestamp, total and per-stage wall time, and the git revision to ``run_metadata``'s dict."""
     meta = dict(meta)
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    meta.setdefault("machine", {})["load_average_at_finish"] = [round(v, 2) for v in os.getloadavg()]
     meta["git"] = git_revision()
     if watch is not None:
         meta["wall_seconds"] = watch.total()

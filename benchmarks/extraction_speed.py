@@ -1,6 +1,7 @@
 """Extraction overhead, early exit and timestep batching, measured side by side.
 
-Writes benchmarks/results/extraction_speed.json with three ratios (medians over interleaved repeats):
+Writes benchmarks/results/extraction_speed.json with three ratios, each the median over rounds of the ratio
+of two variants timed back to back in the same round (rounds alternate the order; quartiles reported):
 - extractor time / bare U-Net forward time on the same batch (target <= 1.05);
 - early-exit extraction of encoder-only nodes / full forward (target <= 0.6);
 - k timesteps batched in one forward / k separate forwards.
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, interleaved_medians, run_metadata, write_json  # noqa: E402
+from common import RESULTS_DIR, interleaved_medians, paired_ratio, run_metadata, write_json  # noqa: E402
 
 from diffrep import FeatureExtractor, load_backbone  # noqa: E402
 from diffrep.backbones import Backbone, zoo_names  # noqa: E402
@@ -40,7 +41,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=None, help="image size (default: the recipe's data size)")
     parser.add_argument("--k", type=int, default=3, help="timesteps for the batching comparison")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=41, help="rounds (each times every variant once)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS_DIR / "extraction_speed.json"))
@@ -81,20 +82,22 @@ def main() -> None:
         "bare_forward_x_k": bare_k,
         "extractor_k_batched": lambda: batched(images),
         "extractor_k_separate": lambda: separate(images),
-    }, repeats=args.repeats)
-    med = {name: v["median_s"] for name, v in timings.items()}
-    ratios = {
-        "extractor_over_bare_forward": med["extractor_all_nodes"] / med["bare_forward"],
-        "early_exit_over_full_forward": med["extractor_encoder_early_exit"] / med["bare_forward"],
-        "k_batched_over_k_separate": med["extractor_k_batched"] / med["extractor_k_separate"],
-        "k_separate_extractor_over_k_bare_forwards": med["extractor_k_separate"] / med["bare_forward_x_k"],
-    }
+    }, repeats=args.repeats, alternate=True)
+    pairs = {"extractor_over_bare_forward": ("extractor_all_nodes", "bare_forward"),
+             "early_exit_over_full_forward": ("extractor_encoder_early_exit", "bare_forward"),
+             "k_batched_over_k_separate": ("extractor_k_batched", "extractor_k_separate"),
+             "k_separate_extractor_over_k_bare_forwards": ("extractor_k_separate", "bare_forward_x_k")}
+    paired = {name: paired_ratio(timings, *pair) for name, pair in pairs.items()}
+    ratios = {name: value["median"] for name, value in paired.items()}
+    ratio_of_medians = {name: timings[a]["median_s"] / timings[b]["median_s"] for name, (a, b) in pairs.items()}
     payload = {
         **run_metadata({"backbone": source, "batch": args.batch, "size": size, "k": args.k, "timestep": t,
                         "timesteps_k": ts, "repeats": args.repeats, "threads": args.threads,
                         "nodes_all": nodes_all, "nodes_encoder": encoder, "nodes_decoder": decoder}, args.seed),
         "timings": timings,
         "ratios": ratios,
+        "ratio_quartiles": paired,
+        "ratio_of_medians": ratio_of_medians,
         "targets": {"extractor_over_bare_forward": {"target": "<= 1.05", "met": ratios["extractor_over_bare_forward"] <= 1.05},
                     "early_exit_over_full_forward": {"target": "<= 0.6", "met": ratios["early_exit_over_full_forward"] <= 0.6}},
     }

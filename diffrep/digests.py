@@ -5,6 +5,7 @@
 * :func:`backbone_identity` hashes a backbone's config and every weight: two backbones with the same
   identity compute the same features. Saved heads and scorers record it, so its value never changes.
 * :func:`json_digest` hashes a JSON-able description (cache keys, fingerprints).
+* :func:`files_digest` hashes named files' names and bytes (the provenance of a folder of images).
 """
 from __future__ import annotations
 
@@ -90,3 +91,13 @@ def json_digest(payload: Any, length: int = DIGEST_LENGTH) -> str:
     """A short SHA-256 of a JSON-able description (keys sorted; other objects by ``str``)."""
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def files_digest(named_files: Iterable[tuple[str, Any]]) -> str:
+    """SHA-256 (hex, full length) over ``(name, path)`` pairs in the given order: each name, then the file's bytes."""
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    for name, path in named_files:
+        digest.update(name.encode() + b"\0" + Path(path).read_bytes())
+    return digest.hexdigest()

@@ -26,19 +26,24 @@ class DistContext:
         return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
 
 
-def init_distributed() -> DistContext:
-    """Join the torchrun process group when WORLD_SIZE > 1; otherwise a single-process context."""
+def init_distributed(device: torch.device | None = None) -> DistContext:
+    """Join the torchrun process group when WORLD_SIZE > 1; otherwise a single-process context.
+
+    ``device``: where this process computes (checked by ``diffrep.devices.resolve_device``); ``cuda``
+    without an index means each rank's own GPU (LOCAL_RANK). None keeps the automatic choice: the
+    rank's GPU when CUDA is available, else the CPU. The process group uses nccl on CUDA, else gloo.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     return DistContext(rank=rank, world_size=world_size, device=device)
 
 

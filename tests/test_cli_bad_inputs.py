@@ -166,6 +166,10 @@ CASES_EXTRACT = [
          r".*--allow-other-size"),
     Case("extract-device-absent", lambda tmp, ckpt: _extract(tmp, ckpt, "--device", "cuda:99"),
          r"device 'cuda:99': expected a (usable CUDA GPU|GPU index)"),
+    Case("extract-threads-0", lambda tmp, ckpt: _extract(tmp, ckpt, "--threads", "0"),
+         r"--threads: expected an integer >= 1, got 0"),
+    Case("extract-autocast-float16-on-cpu", lambda tmp, ckpt: _extract(tmp, ckpt, "--autocast", "float16"),
+         r"autocast 'float16': expected a CUDA device, got 'cpu'; use 'bfloat16' on CPU"),
 ]
 
 # ----------------------------------------------------------------------------------------- train
@@ -223,9 +227,25 @@ CASES_TRAIN = [
     Case("train-unknown-key", lambda tmp, ckpt: _train_argv(tmp, {"optim.learning_rate": 0.1}),
          r"r\.yaml: recipe\.optim: unknown key\(s\) \['learning_rate'\] for OptimConfig; valid keys are"),
     Case("train-unknown-dataset", lambda tmp, ckpt: _train_argv(tmp, {"data.dataset": "cifar"}),
-         r"r\.yaml: data\.dataset: expected 'fmnist', 'brain' or 'synthetic', got 'cifar'"),
+         r"r\.yaml: data\.dataset: expected 'fmnist', 'brain', 'folder' or 'synthetic', got 'cifar'"),
+    Case("train-folder-without-path", lambda tmp, ckpt: _train_argv(tmp, {"data.dataset": "folder"}),
+         r"r\.yaml: data\.path: expected the folder of training images for data\.dataset 'folder', got none"),
+    Case("train-folder-missing", lambda tmp, ckpt: _train_argv(tmp, {"data.dataset": "folder", "data.path": str(tmp / "pngs")}),
+         r"image folder \S*pngs: expected a folder of \.png/\.jpg/\.jpeg/\.tif/\.tiff images, found no such folder"),
+    Case("train-folder-with-another-file", lambda tmp, ckpt: _train_argv(tmp, {"data.dataset": "folder", "data.path": _folder(
+        tmp, {"a.png": np.zeros((16, 16), np.uint8), "b.png": np.zeros((16, 16), np.uint8), "notes.txt": b"x"})}),
+         r"image folder \S*: 1 file\(s\) are not \.png/\.jpg/\.jpeg/\.tif/\.tiff images: \['notes\.txt'\]"),
+    Case("train-folder-rgb-into-grey-unet", lambda tmp, ckpt: _train_argv(tmp, {"data.dataset": "folder", "data.path": _folder(
+        tmp, {"a.png": np.zeros((16, 16), np.uint8), "c.png": np.dstack([np.zeros((16, 16), np.uint8),
+                                                                           np.full((16, 16), 9, np.uint8),
+                                                                           np.zeros((16, 16), np.uint8)])})}),
+         r"c\.png is RGB but the backbone takes 1 channel\(s\) \(grey\); convert the image first"),
     Case("train-max-steps-0", lambda tmp, ckpt: _train_argv(tmp, None, "--max-steps", "0"),
          r"--max-steps\): expected an integer >= 1, got 0"),
+    Case("train-device-absent", lambda tmp, ckpt: _train_argv(tmp, None, "--device", "cuda:99"),
+         r"device 'cuda:99': expected a (usable CUDA GPU|GPU index)"),
+    Case("train-device-garbled", lambda tmp, ckpt: _train_argv(tmp, None, "--device", "gpu0"),
+         r"device: expected 'cpu', 'cuda', 'cuda:N' or 'mps', got 'gpu0'"),
     Case("train-threads-0", lambda tmp, ckpt: _train_argv(tmp, None, "--threads", "0"),
          r"--threads\): expected an integer >= 1, got 0"),
     Case("train-log-every-0", lambda tmp, ckpt: _train_argv(tmp, {"log_every": 0}),
@@ -409,6 +429,8 @@ CASES_ANOMALY = [
          r"mask\.nii\.gz: expected a mask on the grid of .*scan\.nii\.gz \(affine"),
     Case("anomaly-device-garbled", lambda tmp, ckpt: _score(ckpt, _nifti(tmp), str(tmp / "m.nii.gz"), "--device", "gpu0"),
          r"device: expected 'cpu', 'cuda', 'cuda:N' or 'mps', got 'gpu0'"),
+    Case("anomaly-threads-0", lambda tmp, ckpt: _score(ckpt, _nifti(tmp), str(tmp / "m.nii.gz"), "--threads", "0"),
+         r"--threads: expected an integer >= 1, got 0"),
     Case("anomaly-device-absent", lambda tmp, ckpt: _score(ckpt, _nifti(tmp), str(tmp / "m.nii.gz"), "--device", "cuda:99"),
          r"device 'cuda:99': expected a (usable CUDA GPU|GPU index)"),
     Case("anomaly-size-the-unet-cannot-take",
@@ -628,6 +650,8 @@ CASES_LIKELIHOOD = [
     Case("likelihood-nifti-into-two-channel-model", lambda tmp, ckpt: _likelihood(
         tmp, _two_channel_checkpoint(tmp), "--size", "16", input=_nifti(tmp)),
          r"scan\.nii\.gz: NIfTI slices are 1-channel 2D images; expected a 1-channel 2D backbone, got 2 channel"),
+    Case("likelihood-threads-0", lambda tmp, ckpt: _likelihood(tmp, ckpt, "--threads", "0"),
+         r"--threads: expected an integer >= 1, got 0"),
     Case("likelihood-device-garbled", lambda tmp, ckpt: _likelihood(tmp, ckpt, "--device", "gpu0"),
          r"device: expected 'cpu', 'cuda', 'cuda:N' or 'mps', got 'gpu0'"),
 ]

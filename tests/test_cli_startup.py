@@ -128,7 +128,7 @@ def test_library_imports_neither_cli_nor_pipelines():
 # only units of a lower layer and itself. Helpers sit at the bottom and import only other helpers.
 LAYERS = [
     {"_atomic", "_types", "_provenance", "_legacy_formats", "config", "devices", "digests", "distributed",
-     "errors", "outputs", "diffusion", "noise"},
+     "errors", "outputs", "diffusion", "noise", "compute"},
     {"backbones", "data"},
     {"features", "sampling", "likelihood", "persistence"},
     {"heads", "anomaly", "training"},

@@ -273,3 +273,16 @@ def test_every_benchmark_uses_the_one_random_init_control():
     users = {n for n, t in sources.items() if "random_init_control(" in t} - {"benchmarks/common.py"}
     assert users == {"benchmarks/anomaly_brain.py", "benchmarks/classification.py", "benchmarks/segmentation_brain.py",
                      "benchmarks/segmentation_descriptors.py", "benchmarks/segmentation_anatomy.py"}
+
+
+def test_paired_ratio_pairs_rounds_and_alternation_reverses_the_order():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from common import interleaved_medians, paired_ratio
+
+    timings = {"a": {"samples_s": [2.0, 4.0, 6.0]}, "b": {"samples_s": [1.0, 4.0, 2.0]}}
+    result = paired_ratio(timings, "a", "b")
+    assert result["median"] == 2.0 and result["rounds"] == 3  # ratios 2, 1, 3 (the ratio of medians is 1)
+    order: list[str] = []
+    measured = interleaved_medians({"x": lambda: order.append("x"), "y": lambda: order.append("y")}, repeats=2,
+                                   warmup=0, alternate=True)
+    assert order == ["x", "y", "y", "x"] and len(measured["x"]["samples_s"]) == 2

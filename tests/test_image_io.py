@@ -1,6 +1,8 @@
 """Reading image inputs (issue 11): PNG/JPEG/TIFF folders at 8 and 16 bits, grey or RGB, and refusals."""
 from __future__ import annotations
 
+import json
+
 import re
 
 import numpy as np
@@ -190,11 +192,16 @@ def test_extract_cli_reads_a_16bit_png_folder(tmp_path):
     backbone = make_backbone()
     save_backbone(backbone, tmp_path / "ckpt")
     (tmp_path / "png").mkdir()
-    Image.fromarray(_ramp(16)).save(tmp_path / "png" / "a.png")
+    Image.fromarray(_ramp(16)).save(tmp_path / "png" / "b.png")
+    Image.fromarray(np.zeros((16, 16), np.uint16)).save(tmp_path / "png" / "a.png")
     assert main(["extract", str(tmp_path / "ckpt"), str(tmp_path / "png"), "--nodes", "mid", "--timesteps", "3",
                  "--out", str(tmp_path / "f.safetensors")]) == 0
     expected = FeatureExtractor(backbone, ["mid"], [3])(torch.from_numpy(_ramp(16) / np.float32(65535))[None, None])
-    torch.testing.assert_close(load_file(tmp_path / "f.safetensors")["mid@3"], expected[("mid", 3)])
+    torch.testing.assert_close(load_file(tmp_path / "f.safetensors")["mid@3"][1:], expected[("mid", 3)])
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "f.safetensors"), "pt") as handle:  # every row names its file, in row order
+        assert json.loads(handle.metadata()["diffrep"])["files"] == ["a.png", "b.png"]
 
 
 def test_16bit_rgb_png_is_scaled_by_its_bit_depth(tmp_path):

@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from diffrep import FeatureExtractor
+from diffrep.compute import ComputeOptions
 from diffrep.features.io import extract_to_file, save_features
 
 from .conftest import free_port, make_backbone, make_images
@@ -76,7 +77,9 @@ def test_a_killed_run_resumes_with_only_the_missing_chunks_and_identical_bytes(t
     assert not list(tmp_path.glob("*.partial*"))
 
 
-def test_a_partial_file_from_other_settings_is_not_reused(tmp_path, monkeypatch):
+@pytest.mark.parametrize("other", [{"seed": 1}, {"compute": ComputeOptions(autocast="bfloat16")}],
+                         ids=["another-seed", "bfloat16-autocast"])
+def test_a_partial_file_from_other_settings_is_not_reused(other, tmp_path, monkeypatch):
     backbone = make_backbone("2d-2level")
     images = make_images(backbone, n=4)
     target = tmp_path / "o.safetensors"
@@ -93,8 +96,8 @@ def test_a_partial_file_from_other_settings_is_not_reused(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         extract_to_file(backbone, images, ["mid"], [10], target, seed=0, batch_size=2)
     monkeypatch.setattr(FeatureExtractor, "__call__", original)
-    extract_to_file(backbone, images, ["mid"], [10], target, seed=1, batch_size=2)  # another seed: starts over
-    fresh = extract_to_file(backbone, images, ["mid"], [10], tmp_path / "fresh.safetensors", seed=1, batch_size=2)
+    extract_to_file(backbone, images, ["mid"], [10], target, batch_size=2, **other)  # other settings: starts over
+    fresh = extract_to_file(backbone, images, ["mid"], [10], tmp_path / "fresh.safetensors", batch_size=2, **other)
     assert target.read_bytes() == fresh.read_bytes()
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .options import add_threads_option, apply_threads
+
 # The scorer's vocabularies, spelled here so that building the parser imports no torch; a test checks that
 # they equal the library's (reconstruction.REVERSE_MODES and RESIDUALS, noise.EPS_NOISE_TYPES,
 # noise_policy.RECONSTRUCTION_POLICIES).
@@ -26,6 +28,7 @@ def _cmd_anomaly_score(args: argparse.Namespace) -> int:
         raise ValueError(f"--noise {args.noise}: --noise is the noise policy ({', '.join(NOISE_POLICIES)}); the "
                          f"noise distribution is --noise-type {args.noise}")
     NoisePolicy.parse(args.noise, RECONSTRUCTION_POLICIES)
+    apply_threads(args)
     device = resolve_device(args.device)  # refusals first: nothing heavy is loaded for a bad device or --out
     check_volume_paths(args.input, args.out, args.mask, overwrite=args.overwrite, option="--out")
     backbone = load_backbone(args.backbone, device=device)
@@ -89,6 +92,7 @@ def add_anomaly_cli(subparsers: Any) -> argparse.ArgumentParser:
                    "may use, checked before any work (default: the available RAM)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps; refused if absent on this machine")
+    add_threads_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_anomaly_score)
     return anomaly

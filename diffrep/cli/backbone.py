@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .options import add_compute_options, add_threads_option, apply_threads
+
 
 def _cmd_nodes(args: argparse.Namespace) -> int:
     from ..backbones import load_backbone
@@ -26,7 +28,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
     from ..backbones import load_backbone
     from ..backbones.backbone import ImageSizeWarning
-    from ..features.io import extract_to_file, read_images
+    from ..compute import ComputeOptions
+    from ..features.io import extract_to_file, image_names, read_images
 
     import torch
 
@@ -34,7 +37,10 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from ..distributed import init_distributed, shutdown
 
     device = None if args.device is None else resolve_device(args.device)  # a refusal before any work
-    context = init_distributed()  # under torchrun: every process extracts its share of the chunks
+    apply_threads(args)
+    compute = ComputeOptions(autocast=args.autocast, channels_last=args.channels_last)
+    compute.check_device(device or torch.device("cpu"))
+    context = init_distributed(device)  # under torchrun: every process extracts its share of the chunks
     if device is None:  # torchrun ranks keep the device they were given (their GPU under nccl); else the CPU
         device = context.device if context.world_size > 1 else torch.device("cpu")
     backbone = load_backbone(args.checkpoint, device=device)
@@ -44,7 +50,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         images = backbone.check_images(read_images(args.input, backbone), name=f"input {args.input}")
         backbone.check_image_size(tuple(images.shape[2:]), refuse=not args.allow_other_size, name=f"input {args.input}")
         out = extract_to_file(backbone, images, args.nodes, args.timesteps, Path(args.out), noise=args.noise,
-                              seed=args.seed, batch_size=args.batch_size, dtype=args.dtype, progress=True)
+                              seed=args.seed, batch_size=args.batch_size, dtype=args.dtype, progress=True,
+                              compute=compute, files=image_names(args.input))
     shutdown(context)
     if context.is_main:
         print(f"wrote features of {images.shape[0]} image(s) to {out}")
@@ -105,6 +112,8 @@ def add_extract_cli(subparsers: Any) -> argparse.ArgumentParser:
                    help="extract from images of another size than the backbone was trained on (refused by default)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps; refused if absent on this machine "
                                                   "(default: cpu, or each torchrun rank's GPU under nccl)")
+    add_compute_options(p)
+    add_threads_option(p)
     p.set_defaults(func=_cmd_extract)
     return p
 

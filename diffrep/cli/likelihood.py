@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from .options import add_threads_option, apply_threads
+
 # Spelled here so that building the parser imports no torch; a test checks that they equal
 # diffrep.anomaly.likelihood_scores.METHODS.
 METHODS = ("vlb", "ode")
@@ -44,6 +46,7 @@ def _cmd_likelihood(args: argparse.Namespace) -> int:
     from ..pipelines.likelihood import likelihood_rows, read_likelihood_inputs, write_likelihood_csv
 
     _check_options(args)
+    apply_threads(args)
     device = resolve_device(args.device)
     backbone = load_backbone(args.backbone, device=device)
     inputs = read_likelihood_inputs(args.inputs, backbone, size=args.size)
@@ -79,6 +82,7 @@ def add_likelihood_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images per U-Net batch (per ODE solve)")
     p.add_argument("--size", type=int, default=None, help="NIfTI slice size (default: the backbone's training size)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps; refused if absent on this machine")
+    add_threads_option(p)
     p.add_argument("--out", required=True, help="output .csv, one row per image; never the input, and not an "
                                                 "existing file unless --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")

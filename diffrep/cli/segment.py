@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .options import add_threads_option, apply_threads
+
 
 def _save_npy(path: str | os.PathLike, array: Any) -> Path:
     """Write ``array`` to ``path`` (.npy) atomically."""
@@ -23,13 +25,6 @@ def _save_npy(path: str | os.PathLike, array: Any) -> Path:
     with atomic_path(path, suffix=".tmp.npy") as tmp:
         np.save(tmp, array)
     return Path(path)
-
-
-def _threads(args: argparse.Namespace) -> None:
-    if getattr(args, "threads", None):
-        import torch
-
-        torch.set_num_threads(int(args.threads))
 
 
 def _load_labels(path: str) -> Any:
@@ -69,7 +64,7 @@ def _cmd_segment_fit(args: argparse.Namespace) -> int:
     from ..pipelines.segmentation import DEFAULT_TIMESTEPS, fit_segmentation_head
 
     args.timesteps = list(DEFAULT_TIMESTEPS) if args.timesteps is None else args.timesteps
-    _threads(args)
+    apply_threads(args)
     out = Path(args.out)
     _check_head_folder(out, args.overwrite)
     from ..devices import resolve_device
@@ -112,7 +107,7 @@ def _cmd_segment_predict(args: argparse.Namespace) -> int:
     from ..features.io import read_images
     from ..pipelines.segmentation import load_segmentation_head, predict_segmentation
 
-    _threads(args)
+    apply_threads(args)
     _check_predict_outputs(args)
     from ..devices import resolve_device
 
@@ -152,7 +147,7 @@ def add_segment_cli(subparsers: Any) -> argparse.ArgumentParser:
     fit.add_argument("--vote", choices=("majority", "mean"), default="majority")
     fit.add_argument("--store", default=None, help="pixel store root (default OUT/features); reruns resume")
     fit.add_argument("--extract-batch", type=int, default=8, help="images per feature-extraction batch")
-    fit.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_threads_option(fit)
     fit.add_argument("--device", default="cpu", help="the U-Net's device: cpu, cuda, cuda:N or mps; refused if absent "
                                                       "on this machine (the pixel MLPs train on the CPU)")
     fit.add_argument("--out", required=True, help="output directory for head.safetensors + head.json")
@@ -167,7 +162,7 @@ def add_segment_cli(subparsers: Any) -> argparse.ArgumentParser:
     pred.add_argument("--overwrite", action="store_true", help="replace existing --out/--uncertainty files")
     pred.add_argument("--backbone", default=None, help="override the backbone path recorded in the head")
     pred.add_argument("--batch-size", type=int, default=8, help="images per batch")
-    pred.add_argument("--threads", type=int, default=None)
+    add_threads_option(pred)
     pred.add_argument("--device", default="cpu", help="the U-Net's device: cpu, cuda, cuda:N or mps; refused if "
                                                        "absent on this machine")
     pred.set_defaults(func=_cmd_segment_predict)

@@ -13,6 +13,7 @@ import torch
 
 from .._types import FeatureInfo, FeatureKey
 from ..backbones.backbone import Backbone
+from ..compute import ComputeOptions
 from ..errors import as_dtype, check_positive_int
 from .hooks import StopForward, capture_nodes
 from .noise_policy import NoisePolicy
@@ -57,13 +58,16 @@ class FeatureExtractor:
         batch_timesteps: put all timesteps of an image chunk into one forward.
         early_exit: stop the forward after the last requested node.
         dtype: dtype of the returned features, a torch dtype or its name (float16 halves memory and disk).
+        compute: autocast precision and channels-last layout of the forward (``diffrep.compute``; default:
+            float32, standard layout). ``channels_last`` converts the backbone's U-Net weights in place.
 
     Calling it on (N, C, *spatial) images in the backbone's data range returns a FeatureDict.
     """
 
     def __init__(self, backbone: Backbone, nodes: Iterable[str], timesteps: Iterable[int] | int,
                  noise: str | NoisePolicy = "shared", seed: int = 0, batch_size: int = 64,
-                 batch_timesteps: bool = True, early_exit: bool = True, dtype: str | torch.dtype = torch.float32) -> None:
+                 batch_timesteps: bool = True, early_exit: bool = True, dtype: str | torch.dtype = torch.float32,
+                 compute: ComputeOptions | None = None) -> None:
         self.backbone = backbone
         self.nodes = backbone.check_nodes(nodes)
         if len(set(self.nodes)) != len(self.nodes):
@@ -76,6 +80,9 @@ class FeatureExtractor:
         self.batch_timesteps = batch_timesteps
         self.early_exit = early_exit
         self.dtype = as_dtype(dtype)
+        self.compute = compute or ComputeOptions()
+        self.compute.check_device(backbone.device)
+        self.compute.prepare_module(backbone.unet, backbone.spatial_dims)
         info = {i.name: i for i in backbone.feature_info()}
         self.feature_info = {n: info[n] for n in self.nodes}
         self._last_node = max(self.nodes, key=lambda n: info[n].index)
@@ -119,7 +126,7 @@ class FeatureExtractor:
                 t = torch.tensor(group, device=device).repeat_interleave(n)
                 x_in = x0.repeat(len(group), *([1] * (x0.ndim - 1)))
                 x_t = x_in if eps is None else self.backbone.schedule.add_noise(x_in, eps.expand_as(x_in), t)
-                captured = self._forward(x_t, t)
+                captured = self._forward(self.compute.prepare_input(x_t), t)
                 for node in self.nodes:
                     for j, step in enumerate(group):
                         value = _check_finite(captured[node][j * n:(j + 1) * n].float(), node, step)
@@ -132,7 +139,7 @@ class FeatureExtractor:
     def _forward(self, x_t: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
         modules = {n: self.backbone.node_module(n) for n in self.nodes}
         stop = self._last_node if self.early_exit else None
-        with capture_nodes(modules, stop_after=stop) as captured:
+        with capture_nodes(modules, stop_after=stop) as captured, self.compute.autocast_context(x_t.device):
             try:
                 self.backbone(x_t, t)
             except StopForward:
@@ -141,8 +148,12 @@ class FeatureExtractor:
 
 
 def _check_finite(value: torch.Tensor, node: str, timestep: int) -> torch.Tensor:
-    """``value``, or a ValueError naming the node and timestep whose features hold NaN/Inf."""
-    if not bool(torch.isfinite(value).all()):
+    """``value``, or a ValueError naming the node and timestep whose features hold NaN/Inf.
+
+    One reduction decides the common case (a sum of finite values is finite unless it overflows);
+    only a non-finite sum pays for the element-wise check.
+    """
+    if not bool(torch.isfinite(value.sum())) and not bool(torch.isfinite(value).all()):
         bad = int((~torch.isfinite(value)).sum())
         raise ValueError(f"features: node {node!r} at timestep {timestep} has {bad} NaN/Inf value(s) of {value.numel()}; "
                          "expected finite features (check the backbone's weights for NaN/Inf)")

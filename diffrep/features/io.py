@@ -13,11 +13,12 @@ from safetensors.torch import save_file
 from .._atomic import atomic_path
 from ..backbones.backbone import Backbone
 from .._types import FeatureKey
+from ..compute import ComputeOptions
+from ..data.image_files import IMAGE_SUFFIXES, read_image_file  # noqa: F401  (read_image_file: re-exported)
 from ..errors import as_dtype
 from .extractor import FeatureDict, FeatureExtractor
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 def read_images(path: str | os.PathLike, backbone: Backbone) -> torch.Tensor:
@@ -47,6 +48,12 @@ def read_images(path: str | os.PathLike, backbone: Backbone) -> torch.Tensor:
     return tensor
 
 
+def image_names(path: str | os.PathLike) -> list[str] | None:
+    """The file names ``read_images`` reads from a folder, in its order; None for a ``.npy`` input."""
+    path = Path(path)
+    return [p.name for p in sorted(path.iterdir())] if path.is_dir() else None
+
+
 def _read_folder(path: Path, backbone: Backbone) -> torch.Tensor:
     """Every image of a folder as one (N, C, H, W) float batch in the data range."""
     if backbone.spatial_dims != 2:
@@ -70,54 +77,16 @@ def _read_folder(path: Path, backbone: Backbone) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)) * (norm.high - norm.low) + norm.low
 
 
-def read_image_file(file: str | os.PathLike, channels: int) -> np.ndarray:
-    """One PNG/JPEG/TIFF as a float32 (channels, H, W) array in [0, 1], scaled by the file's own bit depth.
-
-    8-bit images are divided by 255, 16-bit ones by 65535 (never clipped; Pillow reads 16-bit RGB
-    PNGs at 8-bit precision, correctly scaled). Grey files need
-    ``channels == 1``, RGB ones ``channels == 3`` (an RGB file whose three channels are identical
-    counts as grey); a mismatch, transparency, an unsupported pixel format or a corrupt/truncated
-    file is a ValueError naming the file.
-    """
-    from PIL import Image
-
-    file = Path(file)
-    try:
-        with Image.open(file) as image:
-            image.load()
-            mode, fmt = image.mode, image.format
-            if mode == "P":
-                image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-                mode = image.mode
-            pixels = np.asarray(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"input: {file} is not a readable image ({err})") from err
-    scale = {"1": 1, "L": 255, "LA": 255, "RGB": 255, "RGBA": 255, "I;16": 65535, "I;16B": 65535,
-             "I;16L": 65535, "I": 65535}.get(mode)
-    if scale is None or (mode == "I" and fmt != "PNG"):  # "I" is 16-bit only when it comes from a PNG
-        raise ValueError(f"input: {file} has pixel format {mode!r}; expected 8- or 16-bit grey or RGB")
-    pixels = pixels.astype(np.float32)
-    if pixels.ndim == 3 and mode in ("LA", "RGBA"):
-        if (pixels[..., -1] < 255).any():
-            raise ValueError(f"input: {file} has transparent pixels; expected opaque grey or RGB images")
-        pixels = pixels[..., :-1]
-    pixels = pixels[..., None] if pixels.ndim == 2 else pixels
-    if pixels.shape[-1] == 3 and channels == 1 and (pixels == pixels[..., :1]).all():
-        pixels = pixels[..., :1]
-    if pixels.shape[-1] != channels:
-        kind = {1: "grey", 3: "RGB"}
-        raise ValueError(f"input: {file} is {kind.get(pixels.shape[-1], pixels.shape[-1])} but the backbone takes "
-                         f"{channels} channel(s) ({kind.get(channels, '')}); convert the image first")
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1) / scale)
-
-
 def extract_to_file(backbone: Backbone, images: Any, nodes: Iterable[str], timesteps: Iterable[int],
                     out: str | os.PathLike, noise: str = "shared", seed: int = 0, batch_size: int = 64,
-                    dtype: str | torch.dtype = torch.float32, progress: bool = False) -> Path:
+                    dtype: str | torch.dtype = torch.float32, progress: bool = False,
+                    compute: ComputeOptions | None = None, files: list[str] | None = None) -> Path:
     """Extract features of ``images`` (a tensor or array, e.g. a memory-mapped .npy) straight to one
     ``.safetensors`` file (tensor names ``node@t``, the FeatureDict metadata in its header), chunk by chunk
     of ``batch_size`` images (each forward holds all ``timesteps`` of its images), stored in ``dtype`` (a torch
-    dtype or its name).
+    dtype or its name). ``compute``: autocast precision and channels-last layout (``diffrep.compute``), recorded in
+    the header and the resume fingerprint. ``files``: the image file names, one per image, written into the
+    header (``diffrep extract`` on a folder gives them), so every row of the features names its file.
 
     Memory holds one chunk of images and features, never the whole output. An interrupted run leaves
     ``OUT.partial`` and its progress record; the same call again computes only the missing chunks
@@ -129,7 +98,9 @@ def extract_to_file(backbone: Backbone, images: Any, nodes: Iterable[str], times
     from ..digests import backbone_identity
     from .stream import SafetensorsStream
 
-    extractor = FeatureExtractor(backbone, list(nodes), list(timesteps), noise=noise, seed=seed, batch_size=batch_size)
+    compute = compute or ComputeOptions()
+    extractor = FeatureExtractor(backbone, list(nodes), list(timesteps), noise=noise, seed=seed, batch_size=batch_size,
+                                 compute=compute)
     dtype = as_dtype(dtype)
     n = len(images)
     if n == 0:
@@ -143,9 +114,17 @@ def extract_to_file(backbone: Backbone, images: Any, nodes: Iterable[str], times
     metadata = {"keys": [{"node": k.node, "timestep": k.timestep, "noise_level": backbone.noise_level(k.timestep),
                           "shape": list(specs[f"{k.node}@{k.timestep}"][1])} for k in keys],
                 "noise": str(extractor.noise), "seed": extractor.seed, "backbone": _backbone_name(backbone)}
+    if files is not None:
+        if len(files) != n:
+            raise ValueError(f"files: expected one name per image ({n}), got {len(files)}")
+        metadata["files"] = list(files)
+    if compute != ComputeOptions():  # the default adds nothing: files of the default settings are unchanged
+        metadata["compute"] = compute.describe()
     fingerprint = {"code": feature_code_digest(), "backbone": backbone_identity(backbone),
                    "images": digest, "keys": list(specs), "noise": str(extractor.noise),
                    "seed": seed, "batch_size": batch_size, "dtype": str(dtype)}
+    if compute != ComputeOptions():
+        fingerprint["compute"] = compute.describe()
     rank, world_size, barrier = _process_group()
     stream = SafetensorsStream(_safetensors_name(out), specs, {"diffrep": json.dumps(metadata)}, fingerprint,
                                rank=rank, world_size=world_size, barrier=barrier)

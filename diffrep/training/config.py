@@ -9,12 +9,18 @@ from ..backbones.config import BackboneConfig, UNetConfig
 from ..config import from_dict, load_yaml
 
 FMNIST_SIZE = 28
-DATA_CHANNELS = 1  # every training set (fmnist, brain, synthetic) is single-channel
+DATA_CHANNELS = 1  # the built-in training sets (fmnist, brain, synthetic) are single-channel
+DATASETS = ("fmnist", "brain", "folder", "synthetic")
 
 
 @dataclass
 class DataConfig:
-    """Which images to train on. ``dataset`` is ``fmnist``, ``brain`` or ``synthetic`` (tests)."""
+    """Which images to train on. ``dataset`` is ``fmnist``, ``brain``, ``folder`` or ``synthetic`` (tests).
+
+    ``folder``: the images below ``path`` (PNG/JPEG/TIFF, see ``diffrep.data.image_folder``), resized to
+    ``size`` x ``size`` where they differ; the U-Net's in_channels decide grey or RGB. A seeded
+    ``heldout_size`` of them (at most a tenth, at least one) is held out for the held-out losses.
+    """
 
     dataset: str = "fmnist"
     path: str | None = None
@@ -26,8 +32,10 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise ValueError for an unknown dataset or sizes and counts no dataset can have."""
-        if self.dataset not in ("fmnist", "brain", "synthetic"):
-            raise ValueError(f"data.dataset: expected 'fmnist', 'brain' or 'synthetic', got {self.dataset!r}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"data.dataset: expected 'fmnist', 'brain', 'folder' or 'synthetic', got {self.dataset!r}")
+        if self.dataset == "folder" and not self.path:
+            raise ValueError("data.path: expected the folder of training images for data.dataset 'folder', got none")
         _at_least(1, size=self.size, heldout_size=self.heldout_size, synthetic_count=self.synthetic_count, prefix="data.")
         if self.dataset == "fmnist" and self.pad_to is not None and self.pad_to < FMNIST_SIZE:
             raise ValueError(f"data.pad_to: expected None or >= the Fashion-MNIST size {FMNIST_SIZE}, got {self.pad_to}")
@@ -97,9 +105,10 @@ class TrainConfig:
         if not self.eval_timesteps or any(not 0 <= t <= last for t in self.eval_timesteps):
             raise ValueError(f"eval_timesteps: expected a non-empty list of timesteps in 0..{last} "
                              f"(backbone.schedule.num_train_timesteps={last + 1}), got {list(self.eval_timesteps)}")
-        check_data_fits(self.backbone.unet, channels=DATA_CHANNELS, spatial=(self.data.image_size,) * 2,
+        channels = self.backbone.unet.in_channels if self.data.dataset == "folder" else DATA_CHANNELS  # folder: read as the U-Net takes
+        check_data_fits(self.backbone.unet, channels=channels, spatial=(self.data.image_size,) * 2,
                         what=f"data ({self.data.dataset}, {self.data.image_size}x{self.data.image_size}, "
-                             f"{DATA_CHANNELS} channel)")
+                             f"{channels} channel)")
 
 
 def check_data_fits(unet: UNetConfig, channels: int, spatial: tuple[int, ...], what: str) -> None:

@@ -50,8 +50,11 @@ class TrainingData:
         return {"epoch": epoch, "offset": offset, "images_seen": step * batch_size}
 
 
-def build_training_data(config: DataConfig, seed: int) -> TrainingData:
-    """Load the dataset a recipe names and return it as tensors in [0, 1]."""
+def build_training_data(config: DataConfig, seed: int, channels: int = 1) -> TrainingData:
+    """Load the dataset a recipe names and return it as tensors in [0, 1] (``channels``: the U-Net's input
+    channels, which decide how a folder's images are read)."""
+    if config.dataset == "folder":
+        return _folder_data(config, seed, channels)
     if config.dataset == "fmnist":
         from ..data.fashion_mnist import load_fashion_mnist, to_tensor_images
 
@@ -86,6 +89,23 @@ def build_training_data(config: DataConfig, seed: int) -> TrainingData:
     images = _synthetic_blobs(config.synthetic_count + 16, config.size, generator)
     return TrainingData(images=images[16:], heldout=images[:16],
                         description={"dataset": "synthetic-blobs", "count": config.synthetic_count, "size": config.size})
+
+
+def _folder_data(config: DataConfig, seed: int, channels: int) -> TrainingData:
+    """The images of a folder, a seeded held-out subset (at most a tenth, at least one) set aside."""
+    from ..data.image_folder import load_image_folder
+
+    found = load_image_folder(config.path, channels, size=config.size)
+    n = len(found.files)
+    if n < 2:
+        raise ValueError(f"data.path: expected at least 2 images in {config.path} (one is held out), got {n}")
+    heldout = max(1, min(config.heldout_size, n // 10))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held, train = order[:heldout].sort().values, order[heldout:].sort().values
+    return TrainingData(images=found.images[train], heldout=found.images[held],
+                        description={**found.describe(), "dataset": "folder", "train_images": n - heldout,
+                                     "heldout": f"{heldout} images (seeded, seed {seed})",
+                                     "heldout_files": [found.files[i] for i in held.tolist()]})
 
 
 def _synthetic_blobs(count: int, size: int, generator: torch.Generator) -> torch.Tensor:

@@ -22,7 +22,9 @@ from tqdm import tqdm
 from .._atomic import atomic_write_json
 from ..backbones.backbone import Backbone
 from ..backbones.checkpoint import save_backbone
+from ..compute import ComputeOptions
 from ..config import to_dict
+from ..devices import resolve_device
 from ..errors import check_positive_int
 from .config import TrainConfig, check_data_fits
 from .data import TrainingData, build_training_data
@@ -70,7 +72,8 @@ def warm_start(config: TrainConfig, model: torch.nn.Module, ema: ModelEmaV3) -> 
 
 
 def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, max_steps: int | None = None,
-          progress: bool = True, data: TrainingData | None = None, num_threads: int | None = None) -> Path:
+          progress: bool = True, data: TrainingData | None = None, num_threads: int | None = None,
+          device: str | torch.device | None = None, compute: ComputeOptions | None = None) -> Path:
     """Train (or resume) the recipe ``config`` into ``out_dir``; return the exported backbone directory.
 
     ``max_steps`` stops this invocation at that global step without changing the recipe's LR
@@ -78,8 +81,16 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, max_st
     ``out_dir`` that already holds a run is refused (FileExistsError) before any work. A non-finite
     loss, gradient or weight stops training with ``DivergenceError`` naming the step; the last
     checkpoint on disk (always finite) is kept and no backbone is exported.
+
+    ``device``: where to train (default: each process's GPU when CUDA is available, else the CPU);
+    ``compute``: bfloat16 autocast and/or channels-last layout (``diffrep.compute``; float16 is refused:
+    it needs loss scaling). Neither is part of the recipe; both are recorded in the provenance.
     """
     config.validate()
+    compute = compute or ComputeOptions()
+    if compute.autocast == "float16":
+        raise ValueError("autocast 'float16': training supports 'bfloat16' only (float16 needs loss scaling)")
+    device = None if device is None else resolve_device(device)
     for key, value in (("max_steps (--max-steps)", max_steps), ("num_threads (--threads)", num_threads)):
         if value is not None:
             check_positive_int(value, key)
@@ -88,9 +99,9 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = False, max_st
         refuse_existing_run(out_dir)
     if num_threads:
         torch.set_num_threads(num_threads)
-    ctx = init_distributed()
+    ctx = init_distributed(device)
     try:
-        return _train(config, out_dir, resume, max_steps, progress, data, ctx)
+        return _train(config, out_dir, resume, max_steps, progress, data, ctx, compute)
     finally:
         shutdown(ctx)
 
@@ -107,6 +118,7 @@ class _Run(NamedTuple):
     data: TrainingData
     ctx: DistContext
     state_path: Path
+    compute: ComputeOptions
 
 
 class _LogWindow:
@@ -132,11 +144,11 @@ class _LogWindow:
 
 
 def _train(config: TrainConfig, out_dir: Path, resume: bool, max_steps: int | None, progress: bool,
-           data: TrainingData | None, ctx: DistContext) -> Path:
+           data: TrainingData | None, ctx: DistContext, compute: ComputeOptions) -> Path:
     """The body of :func:`train` inside an initialised process group: set up, step, checkpoint, export."""
     torch.manual_seed(config.seed)
     backbone = Backbone(copy.deepcopy(config.backbone))
-    model = backbone.unet.to(ctx.device).train()
+    model = compute.prepare_module(backbone.unet.to(ctx.device), config.backbone.unet.spatial_dims).train()
     fresh_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     optimizer, lr_schedule, ema = _optimisation(config, model)
     step, ema_step_offset, saved_step = 0, 0, None
@@ -146,11 +158,11 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, max_steps: int | No
     if resume:
         step, ema_step_offset = _resume(config, state_path, model, ema, optimizer, lr_schedule)
         saved_step = step
-    data = data or build_training_data(config.data, config.seed)
+    data = data or build_training_data(config.data, config.seed, channels=config.backbone.unet.in_channels)
     check_data_fits(config.backbone.unet, channels=data.images.shape[1], spatial=tuple(data.images.shape[2:]),
                     what=f"the training images of shape {tuple(data.images.shape)}")
     net = DistributedDataParallel(model) if ctx.world_size > 1 else model
-    run = _Run(backbone, model, net, optimizer, lr_schedule, ema, data, ctx, state_path)
+    run = _Run(backbone, model, net, optimizer, lr_schedule, ema, data, ctx, state_path, compute)
     stop = min(config.max_steps, max_steps if max_steps is not None else config.max_steps)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -172,7 +184,8 @@ def _train(config: TrainConfig, out_dir: Path, resume: bool, max_steps: int | No
     barrier(ctx)
     export_dir = out_dir / "backbone"
     if ctx.is_main:
-        _export(config, backbone, ema, fresh_state, data, step, out_dir, export_dir)
+        _export(config, backbone, ema, fresh_state, data, step, out_dir, export_dir,
+                {"device": ctx.device.type, **compute.describe()})
     barrier(ctx)
     return export_dir
 
@@ -198,7 +211,8 @@ def _train_step(config: TrainConfig, run: _Run, shard: Any, step: int, saved_ste
     device = run.ctx.device
     images, timesteps, noise = images[shard].to(device), timesteps[shard].to(device), noise[shard].to(device)
     x_t = run.backbone.schedule.add_noise(run.backbone.to_model_range(images), noise, timesteps)
-    loss = F.mse_loss(run.net(x_t, timesteps), noise)
+    with run.compute.autocast_context(device):
+        loss = F.mse_loss(run.net(run.compute.prepare_input(x_t), timesteps).float(), noise)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.optim.grad_clip)
@@ -236,8 +250,8 @@ def _resume(config: TrainConfig, state_path: Path, model: torch.nn.Module, ema: 
 
 
 def _export(config: TrainConfig, backbone: Backbone, ema: ModelEmaV3, fresh_state: dict, data: TrainingData,
-            step: int, out_dir: Path, export_dir: Path) -> None:
-    """Write the EMA backbone with full provenance, held-out losses, loss curve and sample grid."""
+            step: int, out_dir: Path, export_dir: Path, hardware: dict) -> None:
+    """Write the EMA backbone with full provenance (``hardware``: device type and compute options), held-out losses, loss curve and sample grid."""
     trained = Backbone(copy.deepcopy(config.backbone))
     weights = {k: v.detach().cpu() for k, v in ema.module.state_dict().items()}
     check_weights_finite(weights, "EMA", step, f"The training state is {out_dir / STATE_NAME}")
@@ -252,7 +266,7 @@ def _export(config: TrainConfig, backbone: Backbone, ema: ModelEmaV3, fresh_stat
         "data": data.description, "final_train_loss": records[-1]["loss"] if records else None,
         "heldout_loss": {str(t): v for t, v in losses.items()},
         "heldout_loss_fresh_init": {str(t): v for t, v in fresh_losses.items()},
-        "ema_decay": config.optim.ema_decay, "weights": "EMA",
+        "ema_decay": config.optim.ema_decay, "weights": "EMA", "hardware": hardware,
         "versions": {"torch": torch.__version__, "python": platform.python_version(), **_versions()},
     }
     trained.config.provenance = provenance
