@@ -26,7 +26,6 @@ stages 2-4 shares the machine with at most one other single-threaded run; the JS
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -42,6 +41,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, finish_metadata, load_settings, merge_settings, run_metadata, write_json  # noqa: E402
+from diffrep.digests import file_sha256  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RSS_TARGET = 1.15
@@ -141,11 +141,7 @@ def extract_cmd(s: dict[str, Any], npy: Path, out: Path, seed: int) -> list[str]
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def progress_total(log: Path) -> int | None:

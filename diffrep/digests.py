@@ -5,7 +5,8 @@
 * :func:`backbone_identity` hashes a backbone's config and every weight: two backbones with the same
   identity compute the same features. Saved heads and scorers record it, so its value never changes.
 * :func:`json_digest` hashes a JSON-able description (cache keys, fingerprints).
-* :func:`files_digest` hashes named files' names and bytes (the provenance of a folder of images).
+* :func:`files_digest` hashes named files' names and bytes (the provenance of a folder of images);
+  :func:`file_sha256` is the plain SHA-256 of one file, read in blocks (files of any size).
 """
 from __future__ import annotations
 
@@ -100,4 +101,13 @@ def files_digest(named_files: Iterable[tuple[str, Any]]) -> str:
     digest = hashlib.sha256()
     for name, path in named_files:
         digest.update(name.encode() + b"\0" + Path(path).read_bytes())
+    return digest.hexdigest()
+
+
+def file_sha256(path: Any, block: int = 1 << 24) -> str:
+    """The SHA-256 (hex) of one file's bytes, read ``block`` bytes at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(block), b""):
+            digest.update(chunk)
     return digest.hexdigest()
