@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import extraction_scale as bench  # noqa: E402
 
 
+@pytest.mark.slow  # ~100 s: a dozen child processes, each importing torch and MONAI
 @needs_fmnist
 def test_quick_run_writes_every_stage(tmp_path):
     out = tmp_path / "scale.json"
